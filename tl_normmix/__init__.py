@@ -1,0 +1,23 @@
+"""tl_normmix: norm-based context-mixing maps over the TransformerLens cache.
+
+>>> import tl_normmix as nm                                            # doctest: +SKIP
+>>> model = nm.load_model("all-MiniLM-L6-v2")
+>>> _, cache = model.run_with_cache(tokens, names_filter=nm.hook_filter(model, "attn_w"))
+>>> maps = nm.mixing_maps(model, cache, scopes="attn_w")
+"""
+
+from tl_normmix.adapter import MissingHookError, UnsupportedModelError, adapt
+from tl_normmix.loading import load_model
+from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
+from tl_normmix.scopes import SCOPES
+
+__all__ = [
+    "SCOPES",
+    "MissingHookError",
+    "MixingMaps",
+    "UnsupportedModelError",
+    "adapt",
+    "hook_filter",
+    "load_model",
+    "mixing_maps",
+]

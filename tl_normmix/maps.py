@@ -1,0 +1,198 @@
+"""``MixingMaps``, the one result type, and ``mixing_maps``, the one engine that fills it.
+
+Every map keeps the orientation of METHODS.md §0: ``[layer, batch, query i, key j]``, rows are
+receivers. Layer maps are float32 whatever the cache dtype. Cells that involve a padded token
+(query or key outside ``mask``) are zero in the maps and NaN in per-token statistics.
+
+>>> import tl_normmix as nm  # doctest: +SKIP
+>>> _, cache = model.run_with_cache(tokens, names_filter=nm.hook_filter(model, "attn_w"))
+>>> maps = nm.mixing_maps(model, cache, scopes="attn_w")
+>>> maps["attn_w"].shape                       # [layer, batch, query, key]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_normmix import attention
+from tl_normmix.adapter import MissingHookError, adapt
+from tl_normmix.scopes import SCOPES, VALUE_NORM_ROLES, resolve_scopes
+
+__all__ = ["MixingMaps", "hook_filter", "mixing_maps"]
+
+
+@dataclass(frozen=True)
+class MixingMaps:
+    """Token-to-token context-mixing maps for some layers of one batch.
+
+    Attributes:
+        layers: the model layers computed; dimension 0 of every tensor follows this order.
+        maps: scope name -> ``[layer, batch, query, key]`` layer map.
+        heads: scope name -> ``[layer, batch, head, query, key]`` for scopes with per-head maps.
+        value_norms: ``‖f^h(x_j)‖`` as ``[layer, batch, head, key]`` (METHODS §1), if requested.
+        mask: ``[batch, pos]``, True for real tokens, False for padding.
+        convention: ``"raw"`` (the papers' unprocessed weights) or ``"processed"`` (folded layer
+            norms, centred writing weights, value biases folded into ``b_O``).
+        model_name: the model's name as TransformerLens reports it.
+        tokens: token ids ``[batch, pos]`` if given.
+        str_tokens: token strings per batch row if the model has a tokenizer and tokens were given.
+    """
+
+    layers: tuple[int, ...]
+    maps: dict[str, Float[Tensor, "layer batch query_pos key_pos"]]
+    heads: dict[str, Float[Tensor, "layer batch head_index query_pos key_pos"]]
+    mask: Bool[Tensor, "batch pos"]
+    convention: str
+    model_name: str
+    value_norms: Float[Tensor, "layer batch head_index pos"] | None = None
+    tokens: Int[Tensor, "batch pos"] | None = None
+    str_tokens: list[list[str]] | None = field(default=None, repr=False)
+
+    def __getitem__(self, scope: str) -> Float[Tensor, "layer batch query_pos key_pos"]:
+        if scope not in self.maps:
+            raise KeyError(
+                f"Scope {scope!r} was not computed; these were: {', '.join(self.maps)}. "
+                f"Pass scopes=(..., {scope!r}) to mixing_maps."
+            )
+        return self.maps[scope]
+
+    def __contains__(self, scope: object) -> bool:
+        return scope in self.maps
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        return tuple(self.maps)
+
+    def layer_index(self, layer: int) -> int:
+        """Position of model layer ``layer`` along dimension 0 of the tensors."""
+        if layer not in self.layers:
+            raise IndexError(f"Layer {layer} was not computed; these were: {list(self.layers)}.")
+        return self.layers.index(layer)
+
+    def mixing_ratio(self, scope: str) -> Float[Tensor, "layer batch query_pos"]:
+        """Context-mixing ratio per receiving token (METHODS §2); NaN at padded queries.
+
+        For ``attn_w`` it is the attention weight a token gives to the other (real) tokens,
+        ``Σ_{j≠i} ᾱ_ij``.
+        """
+        full = self[scope]
+        eye = torch.eye(full.shape[-1], dtype=torch.bool, device=full.device)
+        if scope == "attn_w":
+            ratio = full.masked_fill(eye, 0.0).sum(-1)
+        else:  # pragma: no cover - guarded by the scope registry
+            raise NotImplementedError(f"No mixing ratio defined for scope {scope!r}.")
+        return ratio.masked_fill(~self.mask[None], float("nan"))
+
+
+def hook_filter(
+    model: Any, scopes: str | Iterable[str] = ("attn_w",), *, value_norms: bool = False
+):
+    """A ``names_filter`` for ``run_with_cache`` that keeps only the hooks ``scopes`` need.
+
+    >>> _, cache = model.run_with_cache(tokens, names_filter=hook_filter(model, "attn_w"))
+    ... # doctest: +SKIP
+    """
+    adapter = adapt(model)
+    names = frozenset(adapter.hook_names(_roles(resolve_scopes(scopes), value_norms)))
+
+    def names_filter(name: str) -> bool:
+        return name in names
+
+    names_filter.hook_names = names  # type: ignore[attr-defined]
+    return names_filter
+
+
+def mixing_maps(
+    model: Any,
+    cache: Any,
+    scopes: str | Iterable[str] = ("attn_w",),
+    *,
+    layers: int | Sequence[int] | None = None,
+    attention_mask: Tensor | None = None,
+    tokens: Tensor | None = None,
+    value_norms: bool = False,
+) -> MixingMaps:
+    """Compute the context-mixing maps of ``scopes`` from ``cache`` (METHODS.md §1–3).
+
+    Args:
+        model: the TransformerLens model that produced ``cache`` (``TransformerBridge``,
+            ``HookedTransformer`` or ``HookedEncoder``).
+        cache: its ``ActivationCache``, e.g. from
+            ``run_with_cache(tokens, names_filter=hook_filter(model, scopes))``.
+        scopes: scope names; see ``tl_normmix.SCOPES``.
+        layers: a layer or layers to compute (default: all).
+        attention_mask: ``[batch, pos]``, 1 for real tokens, 0 for padding (default: no padding).
+        tokens: the token ids, kept in the result for labels.
+        value_norms: also return ``‖f^h(x_j)‖`` per layer, head and source token.
+    """
+    adapter = adapt(model)
+    wanted = resolve_scopes(scopes)
+    layer_list = adapter.check_layers(layers)
+    roles = _roles(wanted, value_norms)
+    per_layer: dict[str, list[Tensor]] = {}
+    per_head: dict[str, list[Tensor]] = {}
+    norms: list[Tensor] = []
+    mask: Tensor | None = None
+    for layer in layer_list:
+        try:
+            tensors = adapter.read(cache, layer, roles)
+        except MissingHookError as err:
+            call = f"names_filter=nm.hook_filter(model, {tuple(s.name for s in wanted)!r}"
+            call += ", value_norms=True)" if value_norms else ")"
+            raise MissingHookError(
+                err.missing,
+                f"{err} Layer {layer} of {adapter.spec.model_name} needs them. Re-run the model "
+                f"with model.run_with_cache(tokens, {call}) (import tl_normmix as nm).",
+            ) from None
+        if mask is None:
+            mask = _mask(attention_mask, tensors.batch, tensors.pos, tensors.device)
+        for scope in wanted:
+            layer_map, head_maps = _SCOPE_FUNCTIONS[scope.name](tensors, mask)
+            per_layer.setdefault(scope.name, []).append(layer_map)
+            if head_maps is not None:
+                per_head.setdefault(scope.name, []).append(head_maps)
+        if value_norms:
+            norms.append(attention.value_norms(tensors.v, tensors.W_O) * mask[:, None, :])
+    assert mask is not None
+    return MixingMaps(
+        layers=tuple(layer_list),
+        maps={k: torch.stack(v) for k, v in per_layer.items()},
+        heads={k: torch.stack(v) for k, v in per_head.items()},
+        mask=mask,
+        convention=adapter.spec.convention,
+        model_name=adapter.spec.model_name,
+        value_norms=torch.stack(norms) if value_norms else None,
+        tokens=tokens,
+        str_tokens=adapter.str_tokens(tokens) if tokens is not None else None,
+    )
+
+
+def _roles(scopes: Iterable[Any], value_norms: bool) -> frozenset[str]:
+    roles = frozenset().union(*(s.roles for s in scopes))
+    return roles | VALUE_NORM_ROLES if value_norms else roles
+
+
+def _mask(attention_mask: Tensor | None, batch: int, pos: int, device: torch.device) -> Tensor:
+    if attention_mask is None:
+        return torch.ones(batch, pos, dtype=torch.bool, device=device)
+    if tuple(attention_mask.shape) != (batch, pos):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the cache holds "
+            f"[batch={batch}, pos={pos}]; pass the mask used for the run that made the cache."
+        )
+    return attention_mask.to(device=device).bool()
+
+
+def _attn_w(tensors: Any, mask: Tensor) -> tuple[Tensor, Tensor]:
+    heads = attention.masked_pattern(tensors.pattern, mask)
+    return attention.head_mean(heads), heads
+
+
+_SCOPE_FUNCTIONS = {"attn_w": _attn_w}
+assert set(_SCOPE_FUNCTIONS) == set(SCOPES)
