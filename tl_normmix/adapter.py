@@ -301,7 +301,7 @@ class ModelAdapter:
             if getattr(cfg, flag, None):
                 raise UnsupportedModelError(
                     f"{cfg.model_name}: {feature} on a TransformerLens 2.x HookedTransformer "
-                    "is not supported; load the model as a TransformerLens 4.x TransformerBridge instead."
+                    "is not supported; load it as a TransformerLens 4.x TransformerBridge."
                 )
         if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
             raise UnsupportedModelError(
