@@ -30,6 +30,26 @@ def model(case: tiny_models.Case, hf_root: Path):
     return tiny_models.build(case, hf_root)
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+EWT_DEV = SHARED / "data" / "ud" / "UD_English-EWT" / "en_ewt-ud-dev.conllu"
+
+
+def ewt_sentences(n: int) -> list[str]:
+    """The first ``n`` ``# text =`` lines of UD English-EWT dev, read from ``../shared``."""
+    if not EWT_DEV.exists():
+        raise FileNotFoundError(
+            f"{EWT_DEV} is missing: the tests expect ../shared beside the clone."
+        )
+    texts = []
+    with EWT_DEV.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("# text ="):
+                texts.append(line.split("=", 1)[1].strip())
+                if len(texts) == n:
+                    break
+    return texts
+
+
 def assert_rel_close(
     actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = ""
 ) -> None:
@@ -38,3 +58,18 @@ def assert_rel_close(
     err = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     assert err <= rtol * max(scale, 1e-12), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def read_layers(model, toks: torch.Tensor, layers=None):
+    """The adapter's view of every role of ``layers`` (default: all), from one full cache."""
+    from tiny_models import run_with_cache
+
+    import tl_normmix as nm
+
+    adapter = nm.adapt(model)
+    roles = [
+        r for r in adapter.layout.hooks if r != "mlp_pre_linear" or adapter.spec.block.gated_mlp
+    ]
+    _, cache = run_with_cache(model, toks)
+    chosen = range(adapter.spec.n_layers) if layers is None else layers
+    return adapter, [adapter.read(cache, layer, roles) for layer in chosen]

@@ -13,27 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_rel_close
-from tiny_models import run_with_cache, tokens
+from conftest import assert_rel_close, read_layers
+from tiny_models import TL_MAJOR, Case, build, tokens
 
 import tl_normmix as nm
 from tl_normmix.blocks import BlockKind
 
 
-def _all_roles(adapter: nm.adapt) -> list[str]:
-    return [r for r in adapter.layout.hooks if adapter.has_role(r)]
-
-
 @pytest.fixture
 def layers(model):
-    adapter = nm.adapt(model)
-    _, cache = run_with_cache(model, tokens())
-    roles = [
-        r
-        for r in adapter.layout.hooks
-        if not (r == "mlp_pre_linear" and not adapter.spec.block.gated_mlp)
-    ]
-    return adapter, [adapter.read(cache, layer, roles) for layer in range(adapter.spec.n_layers)]
+    return read_layers(model, tokens())
 
 
 def test_attention_rebuilds_pure_attention_output(layers):
@@ -113,3 +102,17 @@ def test_spec_describes_the_model(case, model):
     assert spec.convention == ("processed" if case.mode == "processed" else "raw")
     assert spec.block.n_kv_heads == (2 if case.family in ("llama", "llama_bias", "gemma2") else 4)
     assert spec.block.gated_mlp == (case.family in ("llama", "llama_bias", "gemma2"))
+
+
+def test_unsupported_architecture_is_named(hf_root):
+    if TL_MAJOR >= 4:
+        model, expected = build(Case("opt", "raw"), hf_root), "OPTForCausalLM"
+    else:
+        model, expected = build(Case("parallel", "raw"), hf_root), "parallel attention and MLP"
+    with pytest.raises(nm.UnsupportedModelError, match=expected):
+        nm.hook_filter(model, "attn_w")
+
+
+def test_not_a_transformerlens_model():
+    with pytest.raises(nm.UnsupportedModelError, match="not a TransformerLens model"):
+        nm.adapt(torch.nn.Linear(2, 2))

@@ -122,6 +122,10 @@ def _hf_model(family: str) -> Any:
             **common,
         )
         return T.Gemma2ForCausalLM(cfg)
+    if family == "gpt2_wide":  # a different shape, for mismatched-cache tests
+        return T.GPT2LMHeadModel(
+            T.GPT2Config(n_layer=3, n_embd=48, n_head=6, vocab_size=VOCAB, n_positions=64)
+        )
     if family == "opt":  # an architecture tl_normmix does not support (bad-input tests)
         cfg = T.OPTConfig(
             num_hidden_layers=2,
@@ -186,7 +190,9 @@ def _build_tl2(case: Case, dtype: torch.dtype) -> Any:
     common = dict(
         n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=VOCAB, seed=0
     )
-    if case.family == "gpt2":
+    if case.family == "gpt2_wide":
+        common |= dict(n_layers=3, d_model=48, n_heads=6)
+    if case.family in ("gpt2", "gpt2_wide"):
         cfg = HookedTransformerConfig(
             act_fn="gelu_new",
             normalization_type="LN",
@@ -211,6 +217,11 @@ def _build_tl2(case: Case, dtype: torch.dtype) -> Any:
             act_fn="gelu", normalization_type="LN", attention_dir="bidirectional", **common
         )
         model = _randomise(HookedEncoder(cfg))
+    elif case.family == "parallel":  # unsupported on TL 2.x (bad-input tests)
+        cfg = HookedTransformerConfig(
+            act_fn="gelu", normalization_type="LN", parallel_attn_mlp=True, **common
+        )
+        model = HookedTransformer(cfg)
     else:
         raise ValueError(case.family)
     if case.mode == "processed":

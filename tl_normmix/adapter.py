@@ -109,7 +109,8 @@ class LayerTensors:
 
     @property
     def pos(self) -> int:
-        return next(iter(self.hooks.values())).shape[1]
+        role, tensor = next(iter(self.hooks.items()))
+        return tensor.shape[-1] if role == "pattern" else tensor.shape[1]
 
     @property
     def device(self) -> torch.device:

@@ -107,6 +107,8 @@ def load_model(
     if path is not None and path.suffix == ".gguf":
         path = _gguf_as_folder(path)
     bridge = _boot_bridge(str(path) if path is not None else text, dtype, device, hub_name)
+    if hub_name is not None:
+        bridge.cfg.model_name = hub_name  # not the site-packages path
     if compatibility_mode:
         bridge.enable_compatibility_mode(disable_warnings=True)
     return bridge
@@ -169,6 +171,10 @@ def _gguf_as_folder(gguf: Path) -> Path:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=gguf.name, dtype=torch.float32
         )
+        # The weights are dequantised already; drop the GGUF quantiser so the model can be saved.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)

@@ -12,7 +12,7 @@ receivers. Layer maps are float32 whatever the cache dtype. Cells that involve a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +92,7 @@ class MixingMaps:
 
 def hook_filter(
     model: Any, scopes: str | Iterable[str] = ("attn_w",), *, value_norms: bool = False
-):
+) -> Callable[[str], bool]:
     """A ``names_filter`` for ``run_with_cache`` that keeps only the hooks ``scopes`` need.
 
     >>> _, cache = model.run_with_cache(tokens, names_filter=hook_filter(model, "attn_w"))

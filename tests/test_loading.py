@@ -1,0 +1,39 @@
+"""Model references: packaged short names, local folders, GGUF files, clear errors otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import TL_MAJOR, save_hf_folder
+
+import tl_normmix as nm
+
+
+def test_empty_reference():
+    with pytest.raises(ValueError, match="packaged model"):
+        nm.load_model(" ")
+
+
+def test_missing_path_says_which_forms_are_accepted():
+    with pytest.raises(FileNotFoundError, match=r"a \.gguf file, or a Hugging Face hub name"):
+        nm.load_model("/nonexistent/model")
+
+
+def test_local_folder(hf_root):
+    folder = save_hf_folder("gpt2", hf_root)
+    if TL_MAJOR < 4:
+        with pytest.raises(NotImplementedError, match="TransformerLens >= 4"):
+            nm.load_model(folder)
+        return
+    model = nm.load_model(folder)
+    assert type(model).__name__ == "TransformerBridge" and not model._weights_processed
+    assert model(torch.tensor([[5, 6, 7]])).shape == (1, 3, 100)
+    processed = nm.load_model(folder, compatibility_mode=True)
+    assert nm.adapt(processed).spec.convention == "processed"
+
+
+@pytest.mark.real
+def test_packaged_models_resolve_offline():
+    model = nm.load_model("all-MiniLM-L6-v2")
+    assert model.cfg.model_name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert nm.adapt(model).spec.architecture == "BertForMaskedLM"
