@@ -44,18 +44,20 @@ class NormSpec:
     bias: Float[Tensor, " d_model"] | None
     eps: float
 
-    def normalize(
-        self, x: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"]
+    def linear(
+        self, z: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | float
     ) -> Float[Tensor, "... d_model"]:
-        """``(x − mean(x)) / s`` (LayerNorm) or ``x / s`` (RMSNorm) with the given scale ``s``."""
-        centred = x - x.mean(-1, keepdim=True) if self.kind == "layernorm" else x
-        return centred / scale
+        """``g(z) = γ ⊙ (z − mean z) / s`` (RMSNorm: ``γ ⊙ z / s``): the norm as a linear map of
+        one part ``z`` of its input, with the scale ``s`` of the *whole* input frozen (METHODS §0).
+        """
+        centred = z - z.mean(-1, keepdim=True) if self.kind == "layernorm" else z
+        return self.weight * centred / scale
 
     def apply(
         self, x: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"]
     ) -> Float[Tensor, "... d_model"]:
-        """``γ ⊙ normalize(x) + β`` (METHODS §0, layer norm with a frozen scale)."""
-        out = self.normalize(x, scale) * self.weight
+        """``γ ⊙ (x − mean x) / s + β``: the norm's output, given the scale of ``x``."""
+        out = self.linear(x, scale)
         return out + self.bias if self.bias is not None else out
 
 

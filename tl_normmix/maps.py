@@ -20,9 +20,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_normmix import attention
-from tl_normmix.adapter import MissingHookError, adapt
-from tl_normmix.scopes import SCOPES, VALUE_NORM_ROLES, resolve_scopes
+from tl_normmix import attention, residual
+from tl_normmix.adapter import LayerTensors, MissingHookError, adapt
+from tl_normmix.scopes import NORM_CHAINS, SCOPES, VALUE_NORM_ROLES, resolve_scopes, scope_roles
 
 __all__ = ["MixingMaps", "hook_filter", "mixing_maps"]
 
@@ -47,6 +47,7 @@ class MixingMaps:
     layers: tuple[int, ...]
     maps: dict[str, Float[Tensor, "layer batch query_pos key_pos"]]
     heads: dict[str, Float[Tensor, "layer batch head_index query_pos key_pos"]]
+    ratios: dict[str, Float[Tensor, "layer batch query_pos"]] = field(repr=False)
     mask: Bool[Tensor, "batch pos"]
     convention: str
     model_name: str
@@ -76,18 +77,13 @@ class MixingMaps:
         return self.layers.index(layer)
 
     def mixing_ratio(self, scope: str) -> Float[Tensor, "layer batch query_pos"]:
-        """Context-mixing ratio per receiving token (METHODS §2); NaN at padded queries.
+        """Context-mixing ratio ``r_i`` per receiving token (METHODS §2); NaN at padded queries.
 
-        For ``attn_w`` it is the attention weight a token gives to the other (real) tokens,
-        ``Σ_{j≠i} ᾱ_ij``.
+        Norm scopes: ``‖Σ_{j≠i} F_i(x_j)‖ / (‖Σ_{j≠i} F_i(x_j)‖ + ‖F_i(x_i)‖)``; ``attn_w``:
+        ``Σ_{j≠i} ᾱ_ij``; ``attnres_w``: half of that.
         """
-        full = self[scope]
-        eye = torch.eye(full.shape[-1], dtype=torch.bool, device=full.device)
-        if scope == "attn_w":
-            ratio = full.masked_fill(eye, 0.0).sum(-1)
-        else:  # pragma: no cover - guarded by the scope registry
-            raise NotImplementedError(f"No mixing ratio defined for scope {scope!r}.")
-        return ratio.masked_fill(~self.mask[None], float("nan"))
+        self[scope]  # a clear error for scopes that were not computed
+        return self.ratios[scope]
 
 
 def hook_filter(
@@ -99,7 +95,8 @@ def hook_filter(
     ... # doctest: +SKIP
     """
     adapter = adapt(model)
-    names = frozenset(adapter.hook_names(_roles(resolve_scopes(scopes), value_norms)))
+    roles = _roles(resolve_scopes(scopes), adapter.spec.block.kind, value_norms)
+    names = frozenset(adapter.hook_names(roles))
 
     def names_filter(name: str) -> bool:
         return name in names
@@ -134,9 +131,10 @@ def mixing_maps(
     adapter = adapt(model)
     wanted = resolve_scopes(scopes)
     layer_list = adapter.check_layers(layers)
-    roles = _roles(wanted, value_norms)
+    roles = _roles(wanted, adapter.spec.block.kind, value_norms)
     per_layer: dict[str, list[Tensor]] = {}
     per_head: dict[str, list[Tensor]] = {}
+    ratios: dict[str, list[Tensor]] = {}
     norms: list[Tensor] = []
     mask: Tensor | None = None
     for layer in layer_list:
@@ -153,8 +151,9 @@ def mixing_maps(
         if mask is None:
             mask = _mask(attention_mask, tensors.batch, tensors.pos, tensors.device)
         for scope in wanted:
-            layer_map, head_maps = _SCOPE_FUNCTIONS[scope.name](tensors, mask)
-            per_layer.setdefault(scope.name, []).append(layer_map)
+            layer_map, head_maps, ratio = _SCOPE_FUNCTIONS[scope.name](tensors, mask)
+            per_layer.setdefault(scope.name, []).append(_masked(layer_map, mask))
+            ratios.setdefault(scope.name, []).append(ratio.masked_fill(~mask, float("nan")))
             if head_maps is not None:
                 per_head.setdefault(scope.name, []).append(head_maps)
         if value_norms:
@@ -164,6 +163,7 @@ def mixing_maps(
         layers=tuple(layer_list),
         maps={k: torch.stack(v) for k, v in per_layer.items()},
         heads={k: torch.stack(v) for k, v in per_head.items()},
+        ratios={k: torch.stack(v) for k, v in ratios.items()},
         mask=mask,
         convention=adapter.spec.convention,
         model_name=adapter.spec.model_name,
@@ -173,8 +173,8 @@ def mixing_maps(
     )
 
 
-def _roles(scopes: Iterable[Any], value_norms: bool) -> frozenset[str]:
-    roles = frozenset().union(*(s.roles for s in scopes))
+def _roles(scopes: Iterable[Any], kind: Any, value_norms: bool) -> frozenset[str]:
+    roles = frozenset().union(*(scope_roles(s, kind) for s in scopes))
     return roles | VALUE_NORM_ROLES if value_norms else roles
 
 
@@ -189,10 +189,54 @@ def _mask(attention_mask: Tensor | None, batch: int, pos: int, device: torch.dev
     return attention_mask.to(device=device).bool()
 
 
-def _attn_w(tensors: Any, mask: Tensor) -> tuple[Tensor, Tensor]:
-    heads = attention.masked_pattern(tensors.pattern, mask)
-    return attention.head_mean(heads), heads
+def _masked(layer_map: Tensor, mask: Tensor) -> Tensor:
+    return layer_map.masked_fill(~(mask[:, :, None] & mask[:, None, :]), 0.0)
 
 
-_SCOPE_FUNCTIONS = {"attn_w": _attn_w}
+def _weight_ratio(weights: Tensor) -> Tensor:
+    return weights.diagonal_scatter(torch.zeros_like(weights[..., 0]), dim1=-2, dim2=-1).sum(-1)
+
+
+def _attn_w(t: LayerTensors, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    heads = attention.masked_pattern(t.pattern, mask)
+    layer_map = attention.head_mean(heads)
+    return layer_map, heads, _weight_ratio(layer_map)
+
+
+def _attnres_w(t: LayerTensors, mask: Tensor) -> tuple[Tensor, None, Tensor]:
+    weights = attention.head_mean(attention.masked_pattern(t.pattern, mask))
+    eye = torch.eye(weights.shape[-1], device=weights.device)
+    return 0.5 * weights + 0.5 * eye, None, 0.5 * _weight_ratio(weights)
+
+
+def _attn_n(t: LayerTensors, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    pattern = attention.masked_pattern(t.pattern, mask)
+    layer_map, ratio = residual.decomposed_norms(pattern, t.v, t.W_O, None)
+    heads = attention.per_head_norms(pattern, attention.value_norms(t.v, t.W_O))
+    return layer_map, heads, ratio
+
+
+def _norm_scope(name: str) -> Any:
+    def compute(t: LayerTensors, mask: Tensor) -> tuple[Tensor, None, Tensor]:
+        pre, post = NORM_CHAINS[(name, t.spec.kind)]
+
+        def chain(norms: tuple[str, ...]) -> residual.NormChain:
+            return residual.NormChain([(t.norms[n], t[f"{n}.scale"]) for n in norms])
+
+        pattern = attention.masked_pattern(t.pattern, mask)
+        layer_map, ratio = residual.decomposed_norms(
+            pattern, t.v, t.W_O, t["resid_pre"], chain(pre), chain(post)
+        )
+        return layer_map, None, ratio
+
+    return compute
+
+
+_SCOPE_FUNCTIONS = {
+    "attn_w": _attn_w,
+    "attn_n": _attn_n,
+    "attnres_w": _attnres_w,
+    "attnres_n": _norm_scope("attnres_n"),
+    "attnresln_n": _norm_scope("attnresln_n"),
+}
 assert set(_SCOPE_FUNCTIONS) == set(SCOPES)

@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["SCOPES", "Scope", "resolve_scopes"]
+from tl_normmix.blocks import BlockKind
+
+__all__ = [
+    "NORM_CHAINS",
+    "SCOPES",
+    "Scope",
+    "UnsupportedScopeError",
+    "resolve_scopes",
+    "scope_roles",
+]
 
 
 @dataclass(frozen=True)
@@ -25,15 +34,50 @@ class Scope:
 SCOPES: dict[str, Scope] = {
     s.name: s
     for s in (
+        Scope("attn_w", frozenset({"pattern"}), True, "§1", "attention weights α; head mean"),
+        Scope("attn_n", frozenset({"pattern", "v"}), True, "§1", "‖Σ_h α^h_ij f^h(x_j)‖"),
+        Scope("attnres_w", frozenset({"pattern"}), False, "§2", "0.5·ᾱ + 0.5·I"),
         Scope(
-            "attn_w",
-            frozenset({"pattern"}),
-            True,
-            "§1",
-            "attention weights α^h_ij; layer map = mean over heads",
+            "attnres_n", frozenset({"pattern", "v", "resid_pre"}), False, "§2", "‖Σ_h α f + δ x‖"
+        ),
+        Scope(
+            "attnresln_n",
+            frozenset({"pattern", "v", "resid_pre"}),
+            False,
+            "§2",
+            "‖g_i(Σ_h α f + δ x)‖ with the norm that reads attn + x",
         ),
     )
 }
+
+#: The norms linearised before and after the residual add, per scope and block kind (METHODS §2):
+#: ``(pre, post)``. Sandwich blocks normalise the attention output before adding the residual.
+NORM_CHAINS: dict[tuple[str, BlockKind], tuple[tuple[str, ...], tuple[str, ...]]] = {
+    **{("attnres_n", kind): ((), ()) for kind in BlockKind},
+    ("attnres_n", BlockKind.SANDWICH): (("ln1_post",), ()),
+    ("attnresln_n", BlockKind.PRE_LN): ((), ("ln2",)),
+    ("attnresln_n", BlockKind.POST_LN): ((), ("ln1",)),
+    ("attnresln_n", BlockKind.SANDWICH): (("ln1_post",), ("ln2",)),
+}
+
+
+def scope_roles(scope: Scope, kind: BlockKind) -> frozenset[str]:
+    """The cache roles ``scope`` reads in blocks of ``kind``."""
+    if scope.name not in ("attnres_n", "attnresln_n"):
+        return scope.roles
+    if (scope.name, kind) not in NORM_CHAINS:
+        raise UnsupportedScopeError(
+            f"Scope {scope.name!r} is not defined for {kind.value} blocks: in parallel blocks no "
+            "layer norm reads the sum of the attention output and the residual (the feed-forward "
+            "block reads LN2 of the layer input). Use 'attnres_n' here."
+        )
+    pre, post = NORM_CHAINS[(scope.name, kind)]
+    return scope.roles | {f"{norm}.scale" for norm in (*pre, *post)}
+
+
+class UnsupportedScopeError(NotImplementedError):
+    """A scope that the model's block structure cannot support."""
+
 
 #: Per-source value norms ‖f^h(x_j)‖ (METHODS §1) read these roles.
 VALUE_NORM_ROLES = frozenset({"v"})
