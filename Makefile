@@ -35,8 +35,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/tl-normmix summary --model "$(MODEL)" --text "$(TEXT)"
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check tl_normmix tests
-	$(VENV)/bin/ruff format --check tl_normmix tests
+	$(VENV)/bin/ruff check tl_normmix tests scripts
+	$(VENV)/bin/ruff format --check tl_normmix tests scripts
 
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy

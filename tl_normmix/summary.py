@@ -14,7 +14,7 @@ import torch
 
 from tl_normmix.maps import MixingMaps
 
-__all__ = ["LayerSummary", "format_table", "layer_summary"]
+__all__ = ["LayerSummary", "format_table", "layer_summary", "mixing_ratio_stats", "sink_share"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,23 @@ def format_table(rows: list[LayerSummary]) -> str:
 
 def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def mixing_ratio_stats(maps: MixingMaps, scope: str) -> torch.Tensor:
+    """``[layer, 3]``: mean, max and min of the mixing ratio over the real tokens of the batch."""
+    ratio = maps.mixing_ratio(scope)  # NaN at padding
+    real = ~ratio.isnan()
+    flat = ratio.masked_fill(~real, 0.0).flatten(1)
+    count = real.flatten(1).sum(-1).clamp_min(1)
+    high = ratio.masked_fill(~real, float("-inf")).flatten(1).amax(-1)
+    low = ratio.masked_fill(~real, float("inf")).flatten(1).amin(-1)
+    return torch.stack([flat.sum(-1) / count, high, low], dim=-1)
+
+
+def sink_share(maps: MixingMaps, scope: str, sink: int = 0) -> torch.Tensor:
+    """``[layer]``: the share ``map[i, sink] / Σ_j map[i, j]`` received by token ``sink``, averaged
+    over the real queries of every batch row (for ``attn_w`` this is the attention weight)."""
+    full = maps[scope]
+    share = full[..., sink] / full.sum(-1).clamp_min(torch.finfo(full.dtype).tiny)
+    real = maps.mask[None].expand_as(share)
+    return (share * real).sum((1, 2)) / real.sum((1, 2))
