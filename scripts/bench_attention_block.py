@@ -1,4 +1,4 @@
-"""Benchmark the attention-block mixing maps against the model's forward pass and a direct reference.
+"""Benchmark attention-block mixing maps against the model's forward pass and a direct reference.
 
 What it measures, for a GPT-2-small-shaped model with random weights (12 layers, d_model 768,
 12 heads; ``GPT2LMHeadModel`` saved to a temporary folder and booted with
@@ -19,7 +19,9 @@ Everything runs under ``torch.no_grad()`` on the CPU with torch's default thread
 How:
 
 * **Time**: wall-clock (``time.perf_counter``) of the call alone, ``--repeats`` times (default 3);
-  the median is reported.
+  the median is reported. A task stops repeating once its measured calls have taken more than
+  ``--max-task-seconds`` (default 120 s). Process CPU time (``time.process_time``, all threads)
+  is printed too, with a CPU-time table: it is less disturbed by other load on the machine.
 * **Peak memory**: each measured thing (N, task) runs in a *fresh* process (``multiprocessing``
   with the ``spawn`` start method), which boots the model and, for maps and reference, first runs
   the forward pass to obtain the cache. Before every measured call the process runs
@@ -38,15 +40,17 @@ Run it (from the repository root; takes about 10–20 minutes on 2 CPU cores):
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_attention_block.py
 
 Options: ``--sizes 128 512 2048`` ``--scopes attn_w attn_n attnres_w attnres_n attnresln_n``
-``--repeats 3`` ``--reference-limit-gib 16``.
+``--repeats 3`` ``--reference-limit-gib 16`` ``--max-task-seconds 120``.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import ctypes
 import gc
+import itertools
 import math
 import multiprocessing
 import os
@@ -57,7 +61,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -87,14 +90,12 @@ def _reset_peak() -> bool:
 
 def _trim() -> None:
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
-def _measure(fn: Callable[[], Any]) -> tuple[float, int, Any]:
-    """(seconds, peak additional bytes, result) of one call of ``fn``."""
+def _measure(fn: Callable[[], Any]) -> tuple[float, float, int, Any]:
+    """(wall seconds, CPU seconds, peak additional bytes, result) of one call of ``fn``."""
     _trim()
     sampler = None
     if _reset_peak():
@@ -105,14 +106,14 @@ def _measure(fn: Callable[[], Any]) -> tuple[float, int, Any]:
         base = _rss_bytes()
         sampler = _Sampler()
         sampler.start()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = fn()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if sampler is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     else:
         peak = sampler.stop()
-    return seconds, max(peak - base, 0), result
+    return seconds, cpu, max(peak - base, 0), result
 
 
 class _Sampler(threading.Thread):
@@ -209,7 +210,9 @@ def reference_estimate_bytes(n: int, scopes: tuple[str, ...]) -> int:
 
 
 # -- one measured task in a fresh process -----------------------------------------------------
-def worker(folder: str, task: str, n: int, scopes: tuple[str, ...], repeats: int) -> dict:
+def worker(
+    folder: str, task: str, n: int, scopes: tuple[str, ...], repeats: int, max_seconds: float
+) -> dict:
     import torch
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -242,24 +245,29 @@ def worker(folder: str, task: str, n: int, scopes: tuple[str, ...], repeats: int
             def fn() -> Any:
                 return reference_maps(model, cache, scopes)
 
-        times, peaks = [], []
+        times, cpus, peaks = [], [], []
         for _ in tqdm(range(repeats), desc=f"  N={n} {task}", leave=False, position=1):
-            seconds, peak, result = _measure(fn)
+            if sum(times) > max_seconds:  # enough: a slow task is not repeated forever
+                break
+            seconds, cpu, peak, result = _measure(fn)
             if task == "forward":
                 cache_bytes = sum(t.numel() * t.element_size() for t in result[1].values())
             del result
             times.append(seconds)
+            cpus.append(cpu)
             peaks.append(peak)
         if cache is not None:
             cache_bytes = sum(t.numel() * t.element_size() for t in cache.values())
-    return {"times": times, "peaks": peaks, "cache_bytes": cache_bytes}
+    return {"times": times, "cpus": cpus, "peaks": peaks, "cache_bytes": cache_bytes}
 
 
-def run_task(folder: str, task: str, n: int, scopes: tuple[str, ...], repeats: int) -> dict | str:
+def run_task(
+    folder: str, task: str, n: int, scopes: tuple[str, ...], repeats: int, max_seconds: float
+) -> dict | str:
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         try:
-            return pool.submit(worker, folder, task, n, scopes, repeats).result()
+            return pool.submit(worker, folder, task, n, scopes, repeats, max_seconds).result()
         except BrokenProcessPool:
             return "died (out of memory?)"
         except RuntimeError as err:  # e.g. torch's "not enough memory"
@@ -275,6 +283,10 @@ def report(results: dict[tuple[int, str], dict | str], sizes: list[int]) -> str:
     def time_of(n: int, task: str) -> float | None:
         r = results.get((n, task))
         return statistics.median(r["times"]) if isinstance(r, dict) else None
+
+    def cpu_of(n: int, task: str) -> float | None:
+        r = results.get((n, task))
+        return statistics.median(r["cpus"]) if isinstance(r, dict) else None
 
     def peak_of(n: int, task: str) -> float | None:
         r = results.get((n, task))
@@ -306,7 +318,7 @@ def report(results: dict[tuple[int, str], dict | str], sizes: list[int]) -> str:
     lines.append("")
     lines.append("| N → N' | forward s | forward MiB | maps s | maps MiB | reference s | ref MiB |")
     lines.append("|" + "---|" * 7)
-    for a, b in zip(sizes, sizes[1:], strict=False):
+    for a, b in itertools.pairwise(sizes):
         cells = []
         for task in TASKS:
             for get in (time_of, peak_of):
@@ -317,6 +329,19 @@ def report(results: dict[tuple[int, str], dict | str], sizes: list[int]) -> str:
                 else:
                     cells.append("n/a")
         lines.append(f"| {a} → {b} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("CPU seconds (median; process time of all threads, less sensitive to other load):")
+    lines.append("")
+    lines.append("| N | forward CPU s | maps CPU s | reference CPU s | speed-up | maps / forward |")
+    lines.append("|" + "---|" * 6)
+    for n in sizes:
+        fc, mc, rc = (cpu_of(n, task) for task in TASKS)
+        speed = rc / mc if rc is not None and mc else None
+        ratio = mc / fc if mc is not None and fc else None
+        lines.append(
+            f"| {n} | {_fmt(fc, '.2f')} | {_fmt(mc, '.2f')} | {_fmt(rc, '.2f')} "
+            f"| {_fmt(speed, '.1f')}× | {_fmt(ratio, '.2f')} |"
+        )
     cache = {n: r["cache_bytes"] for (n, t), r in results.items() if isinstance(r, dict)}
     lines.append("")
     lines.append(
@@ -332,6 +357,7 @@ def main() -> None:
     parser.add_argument("--scopes", nargs="+", default=list(ALL_SCOPES), choices=ALL_SCOPES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-limit-gib", type=float, default=16.0)
+    parser.add_argument("--max-task-seconds", type=float, default=120.0)
     args = parser.parse_args()
     scopes = tuple(args.scopes)
     sizes = sorted(args.sizes)
@@ -353,7 +379,9 @@ def main() -> None:
                 if need > args.reference_limit_gib * GIB:
                     results[(n, task)] = f"n/a (would need {need / GIB:.0f} GiB)"
                     continue
-            results[(n, task)] = run_task(folder, task, n, scopes, args.repeats)
+            results[(n, task)] = run_task(
+                folder, task, n, scopes, args.repeats, args.max_task_seconds
+            )
         bar.close()
     print()
     print(f"Scopes: {', '.join(scopes)}; batch 1; {args.repeats} repeats (median time, max peak)")
@@ -362,8 +390,9 @@ def main() -> None:
     for (n, task), r in results.items():
         if isinstance(r, dict):
             times = ", ".join(f"{t:.3f}" for t in r["times"])
+            cpus = ", ".join(f"{t:.3f}" for t in r["cpus"])
             peaks = ", ".join(f"{p / MIB:.0f}" for p in r["peaks"])
-            print(f"  raw N={n} {task}: seconds [{times}], peak MiB [{peaks}]")
+            print(f"  raw N={n} {task}: wall s [{times}], CPU s [{cpus}], peak MiB [{peaks}]")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,21 @@ def test_weight_scopes(model):
     off = (maps["attn_w"] * (1 - eye)).sum(-1)
     assert torch.allclose(maps.mixing_ratio("attn_w"), off)
     assert torch.allclose(maps.mixing_ratio("attnres_w"), 0.5 * off)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cache_fast_equals_reference(case, hf_root, dtype):
+    """A half-precision cache is upcast once; the fast path then matches the reference."""
+    from tiny_models import build
+
+    model = build(case, hf_root, dtype=dtype)
+    scopes = [s for s in NORM_SCOPES if _supported(model, s)]
+    toks = tokens()
+    _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, scopes))
+    maps = nm.mixing_maps(model, cache, scopes)
+    mask = torch.ones(toks.shape, dtype=torch.bool)
+    for scope in scopes:
+        assert maps[scope].dtype == torch.float32
+        for index, t in enumerate(_layers(model, toks, scope)):
+            expected = _reference(t, scope, mask)[0].norm(dim=-1)
+            assert_rel_close(maps[scope][index], expected, rtol=1e-4, what=f"{dtype} {scope}")
