@@ -9,11 +9,25 @@ attention and cast to float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["head_mean", "masked_pattern", "value_norms"]
+__all__ = [
+    "by_key",
+    "gram_factor",
+    "head_mean",
+    "head_summed_norms",
+    "masked_pattern",
+    "mixed_output",
+    "per_head_norms",
+    "quadratic_norms",
+    "self_part",
+    "source_vectors",
+    "value_norms",
+]
 
 
 def masked_pattern(
@@ -62,26 +76,57 @@ def per_head_norms(
     return pattern * f_norms[:, :, None, :]
 
 
+def gram_factor(
+    f: Float[Tensor, "batch key_pos head_index d_model"],
+) -> Float[Tensor, "batch key_pos head_index head_index"]:
+    """A factor ``L_j`` of the per-source Gram matrix ``G_j[h, h'] = ⟨f^h_j, f^{h'}_j⟩ = L_j L_jᵀ``
+    (METHODS §1, cost): Cholesky, or an eigen-factor where ``G_j`` is singular (a zero head)."""
+    gram = torch.einsum("bjhm,bjgm->bjhg", f, f)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    bad = info != 0
+    if bad.any():
+        values, vectors = torch.linalg.eigh(gram[bad])
+        factor[bad] = vectors * values.clamp_min(0.0).sqrt()[..., None, :]
+    return factor
+
+
+def by_key(
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+) -> Float[Tensor, "batch key_pos query_pos head_index"]:
+    """The pattern laid out per source, contiguous: ``α_j`` as a ``[query, head]`` matrix."""
+    return pattern.permute(0, 3, 2, 1).contiguous()
+
+
+def quadratic_norms(
+    alpha_by_key: Float[Tensor, "batch key_pos query_pos head_index"],
+    factors: Sequence[Float[Tensor, "batch key_pos head_index head_index"]],
+    *,
+    chunk_size: int = 512,
+) -> list[Float[Tensor, "batch query_pos key_pos"]]:
+    """``‖Σ_h α^h_ij f^h_j‖ = ‖L_jᵀ α_ij‖`` for each Gram factor (METHODS §1, cost).
+
+    One batched matmul per chunk of sources serves every factor at once (they are concatenated),
+    so cost is ``O(N²·H²)`` per factor and peak memory ``O(chunk·N·H)``, never ``N²·d``.
+    """
+    batch, n_key, n_query, heads = alpha_by_key.shape
+    stacked = torch.cat(list(factors), dim=-1)  # [batch, key, head, head · n_factors]
+    out = alpha_by_key.new_empty(len(factors), batch, n_key, n_query)
+    for start in range(0, n_key, chunk_size):
+        stop = start + chunk_size
+        projected = torch.matmul(alpha_by_key[:, start:stop], stacked[:, start:stop])
+        squares = projected.square().unflatten(-1, (len(factors), heads)).sum(-1)
+        out[:, :, start:stop] = squares.permute(3, 0, 1, 2)
+    return list(out.sqrt().transpose(-1, -2))
+
+
 def head_summed_norms(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     f: Float[Tensor, "batch key_pos head_index d_model"],
     *,
-    chunk_size: int = 256,
+    chunk_size: int = 512,
 ) -> Float[Tensor, "batch query_pos key_pos"]:
-    """``‖Σ_h α^h_ij f^h_j‖`` as a quadratic form over the per-source Gram matrix (METHODS §1).
-
-    ``G_j[h, h'] = ⟨f^h_j, f^{h'}_j⟩`` costs ``O(N·H²·d)``; the form ``Σ α^h α^{h'} G`` costs
-    ``O(N²·H²)``, evaluated ``chunk_size`` queries at a time so peak memory is
-    ``O(chunk·N·H)``, never ``N²·d``.
-    """
-    gram = torch.einsum("bjhm,bjgm->bjhg", f, f)
-    batch, _, n_query, n_key = pattern.shape
-    out = pattern.new_empty(batch, n_query, n_key)
-    for start in range(0, n_query, chunk_size):
-        alpha = pattern[:, :, start : start + chunk_size]
-        weighted = torch.einsum("bhqk,bkhg->bqkg", alpha, gram)
-        out[:, start : start + chunk_size] = (weighted * alpha.permute(0, 2, 3, 1)).sum(-1)
-    return out.clamp_min(0.0).sqrt()
+    """``‖Σ_h α^h_ij f^h_j‖`` for all pairs without an ``N×N×d`` tensor (METHODS §1)."""
+    return quadratic_norms(by_key(pattern), [gram_factor(f)], chunk_size=chunk_size)[0]
 
 
 def mixed_output(

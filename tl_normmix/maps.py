@@ -12,7 +12,7 @@ receivers. Layer maps are float32 whatever the cache dtype. Cells that involve a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +20,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_normmix import attention, residual
-from tl_normmix.adapter import LayerTensors, MissingHookError, adapt
-from tl_normmix.scopes import NORM_CHAINS, SCOPES, VALUE_NORM_ROLES, resolve_scopes, scope_roles
+from tl_normmix import attention
+from tl_normmix.adapter import LayerTensors, MissingHookError, ModelAdapter, adapt
+from tl_normmix.attention_block import layer_maps
+from tl_normmix.scopes import VALUE_NORM_ROLES, resolve_scopes, scope_roles
 
 __all__ = ["MixingMaps", "hook_filter", "mixing_maps"]
 
@@ -46,7 +47,7 @@ class MixingMaps:
 
     layers: tuple[int, ...]
     maps: dict[str, Float[Tensor, "layer batch query_pos key_pos"]]
-    heads: dict[str, Float[Tensor, "layer batch head_index query_pos key_pos"]]
+    heads: Mapping[str, Float[Tensor, "layer batch head_index query_pos key_pos"]]
     ratios: dict[str, Float[Tensor, "layer batch query_pos"]] = field(repr=False)
     mask: Bool[Tensor, "batch pos"]
     convention: str
@@ -132,45 +133,98 @@ def mixing_maps(
     wanted = resolve_scopes(scopes)
     layer_list = adapter.check_layers(layers)
     roles = _roles(wanted, adapter.spec.block.kind, value_norms)
-    per_layer: dict[str, list[Tensor]] = {}
-    per_head: dict[str, list[Tensor]] = {}
-    ratios: dict[str, list[Tensor]] = {}
+    names = [s.name for s in wanted]
+    outputs: dict[str, Tensor] = {}
+    ratios: dict[str, Tensor] = {}
+    patterns: list[Tensor] = []
     norms: list[Tensor] = []
     mask: Tensor | None = None
-    for layer in layer_list:
-        try:
-            tensors = adapter.read(cache, layer, roles)
-        except MissingHookError as err:
-            call = f"names_filter=nm.hook_filter(model, {tuple(s.name for s in wanted)!r}"
-            call += ", value_norms=True)" if value_norms else ")"
-            raise MissingHookError(
-                err.missing,
-                f"{err} Layer {layer} of {adapter.spec.model_name} needs them. Re-run the model "
-                f"with model.run_with_cache(tokens, {call}) (import tl_normmix as nm).",
-            ) from None
+    for index, layer in enumerate(layer_list):
+        tensors = _read(adapter, cache, layer, roles, names, value_norms)
         if mask is None:
             mask = _mask(attention_mask, tensors.batch, tensors.pos, tensors.device)
-        for scope in wanted:
-            layer_map, head_maps, ratio = _SCOPE_FUNCTIONS[scope.name](tensors, mask)
-            per_layer.setdefault(scope.name, []).append(_masked(layer_map, mask))
-            ratios.setdefault(scope.name, []).append(ratio.masked_fill(~mask, float("nan")))
-            if head_maps is not None:
-                per_head.setdefault(scope.name, []).append(head_maps)
-        if value_norms:
-            norms.append(attention.value_norms(tensors.v, tensors.W_O) * mask[:, None, :])
+        result = layer_maps(tensors, mask, names, value_norms or "attn_n" in names)
+        for scope, layer_map in result.maps.items():
+            if scope not in outputs:  # preallocated: one copy of each map, no stacking
+                outputs[scope] = layer_map.new_empty(len(layer_list), *layer_map.shape)
+                ratios[scope] = layer_map.new_empty(len(layer_list), *layer_map.shape[:2])
+            outputs[scope][index] = layer_map
+            ratios[scope][index] = result.ratios[scope]
+        patterns.append(result.pattern)
+        if result.value_norms is not None:
+            norms.append(result.value_norms)
     assert mask is not None
+    stacked_norms = torch.stack(norms) if norms else None
     return MixingMaps(
         layers=tuple(layer_list),
-        maps={k: torch.stack(v) for k, v in per_layer.items()},
-        heads={k: torch.stack(v) for k, v in per_head.items()},
-        ratios={k: torch.stack(v) for k, v in ratios.items()},
+        maps={name: outputs[name] for name in names},
+        heads=HeadMaps(tuple(s.name for s in wanted if s.has_heads), patterns, stacked_norms),
+        ratios={name: ratios[name] for name in names},
         mask=mask,
         convention=adapter.spec.convention,
         model_name=adapter.spec.model_name,
-        value_norms=torch.stack(norms) if value_norms else None,
+        value_norms=stacked_norms if value_norms else None,
         tokens=tokens,
         str_tokens=adapter.str_tokens(tokens) if tokens is not None else None,
     )
+
+
+def _read(
+    adapter: ModelAdapter,
+    cache: Any,
+    layer: int,
+    roles: frozenset[str],
+    scopes: list[str],
+    value_norms: bool,
+) -> LayerTensors:
+    try:
+        return adapter.read(cache, layer, roles)
+    except MissingHookError as err:
+        call = f"names_filter=nm.hook_filter(model, {tuple(scopes)!r}"
+        call += ", value_norms=True)" if value_norms else ")"
+        raise MissingHookError(
+            err.missing,
+            f"{err} Layer {layer} of {adapter.spec.model_name} needs them. Re-run the model "
+            f"with model.run_with_cache(tokens, {call}) (import tl_normmix as nm).",
+        ) from None
+
+
+class HeadMaps(Mapping[str, Tensor]):
+    """Per-head maps ``[layer, batch, head, query, key]``, built on first access.
+
+    They are kept as their factors — the (masked) cached patterns and the value norms — because
+    per-head maps are the largest outputs: ``attn_w`` is ``α^h_ij``, ``attn_n`` is
+    ``α^h_ij ‖f^h(x_j)‖`` (METHODS §1).
+    """
+
+    def __init__(
+        self, scopes: tuple[str, ...], patterns: list[Tensor], value_norms: Tensor | None
+    ) -> None:
+        self._scopes = scopes
+        self._patterns = patterns
+        self._value_norms = value_norms
+        self._built: dict[str, Tensor] = {}
+
+    def __getitem__(self, scope: str) -> Tensor:
+        if scope not in self._scopes:
+            raise KeyError(
+                f"No per-head map for {scope!r}; per-head maps computed: {list(self._scopes)}."
+            )
+        if scope not in self._built:
+            pattern = torch.stack(self._patterns)
+            if scope == "attn_n":
+                assert self._value_norms is not None
+                pattern = attention.per_head_norms(
+                    pattern.flatten(0, 1), self._value_norms.flatten(0, 1)
+                ).unflatten(0, pattern.shape[:2])
+            self._built[scope] = pattern
+        return self._built[scope]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._scopes)
+
+    def __len__(self) -> int:
+        return len(self._scopes)
 
 
 def _roles(scopes: Iterable[Any], kind: Any, value_norms: bool) -> frozenset[str]:
@@ -187,56 +241,3 @@ def _mask(attention_mask: Tensor | None, batch: int, pos: int, device: torch.dev
             f"[batch={batch}, pos={pos}]; pass the mask used for the run that made the cache."
         )
     return attention_mask.to(device=device).bool()
-
-
-def _masked(layer_map: Tensor, mask: Tensor) -> Tensor:
-    return layer_map.masked_fill(~(mask[:, :, None] & mask[:, None, :]), 0.0)
-
-
-def _weight_ratio(weights: Tensor) -> Tensor:
-    return weights.diagonal_scatter(torch.zeros_like(weights[..., 0]), dim1=-2, dim2=-1).sum(-1)
-
-
-def _attn_w(t: LayerTensors, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    heads = attention.masked_pattern(t.pattern, mask)
-    layer_map = attention.head_mean(heads)
-    return layer_map, heads, _weight_ratio(layer_map)
-
-
-def _attnres_w(t: LayerTensors, mask: Tensor) -> tuple[Tensor, None, Tensor]:
-    weights = attention.head_mean(attention.masked_pattern(t.pattern, mask))
-    eye = torch.eye(weights.shape[-1], device=weights.device)
-    return 0.5 * weights + 0.5 * eye, None, 0.5 * _weight_ratio(weights)
-
-
-def _attn_n(t: LayerTensors, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    pattern = attention.masked_pattern(t.pattern, mask)
-    layer_map, ratio = residual.decomposed_norms(pattern, t.v, t.W_O, None)
-    heads = attention.per_head_norms(pattern, attention.value_norms(t.v, t.W_O))
-    return layer_map, heads, ratio
-
-
-def _norm_scope(name: str) -> Any:
-    def compute(t: LayerTensors, mask: Tensor) -> tuple[Tensor, None, Tensor]:
-        pre, post = NORM_CHAINS[(name, t.spec.kind)]
-
-        def chain(norms: tuple[str, ...]) -> residual.NormChain:
-            return residual.NormChain([(t.norms[n], t[f"{n}.scale"]) for n in norms])
-
-        pattern = attention.masked_pattern(t.pattern, mask)
-        layer_map, ratio = residual.decomposed_norms(
-            pattern, t.v, t.W_O, t["resid_pre"], chain(pre), chain(post)
-        )
-        return layer_map, None, ratio
-
-    return compute
-
-
-_SCOPE_FUNCTIONS = {
-    "attn_w": _attn_w,
-    "attn_n": _attn_n,
-    "attnres_w": _attnres_w,
-    "attnres_n": _norm_scope("attnres_n"),
-    "attnresln_n": _norm_scope("attnresln_n"),
-}
-assert set(_SCOPE_FUNCTIONS) == set(SCOPES)

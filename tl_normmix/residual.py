@@ -29,7 +29,7 @@ from torch import Tensor
 from tl_normmix import attention
 from tl_normmix.blocks import NormSpec
 
-__all__ = ["NormChain", "decomposed_norms"]
+__all__ = ["AttentionLayer", "NormChain", "Request", "decompose", "decomposed_norms"]
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,93 @@ class NormChain:
             z = norm.linear(z, s)
         return z
 
+    @property
+    def key(self) -> tuple[int, ...]:
+        """Identifies the chain within one computation (the same norms and scale tensors)."""
+        return tuple(id(part) for pair in self.norms for part in pair)
+
     def kappa(self, like: Tensor) -> Tensor:
         """``κ_i = Π 1/s_i`` as ``[batch, pos]``."""
         out = torch.ones(like.shape[:2], dtype=like.dtype, device=like.device)
         for _, scale in self.norms:
             out = out / scale[..., 0]
         return out
+
+
+@dataclass
+class AttentionLayer:
+    """One layer's attention quantities shared by every norm scope (computed once per layer)."""
+
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"]  # padding already masked
+    f: Float[Tensor, "batch pos head_index d_model"]  # f^h(x_j) = v^h_j W_O^h
+    own: Float[Tensor, "batch pos d_model"]  # Σ_h α^h_ii f^h_i
+    context: Float[Tensor, "batch pos d_model"]  # Σ_{j≠i} Σ_h α^h_ij f^h_j
+
+    @classmethod
+    def build(
+        cls,
+        pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+        v: Float[Tensor, "batch pos head_index d_head"],
+        W_O: Float[Tensor, "head_index d_head d_model"],
+        mixed: Float[Tensor, "batch pos d_model"] | None = None,
+    ) -> AttentionLayer:
+        """``mixed`` is ``Σ_j Σ_h α f`` if known (the cached attention output minus ``b_O``);
+        otherwise it is computed from the pattern and values."""
+        f = attention.source_vectors(v, W_O)
+        own = attention.self_part(pattern, f)
+        if mixed is None:
+            mixed = attention.mixed_output(pattern, v, W_O)
+        return cls(pattern=pattern, f=f, own=own, context=mixed - own)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One scope's decomposition: residual ``x_i`` (None: none) and the norm chains."""
+
+    residual: Tensor | None = None
+    pre: NormChain = NormChain()
+    post: NormChain = NormChain()
+
+
+def decompose(
+    layer: AttentionLayer, requests: dict[str, Request], *, chunk_size: int = 512
+) -> dict[str, tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]]:
+    """``‖F_i(x_j)‖`` for all pairs and the mixing ratio ``r_i`` per request (METHODS §2).
+
+    The off-diagonal quadratic forms of all requests are evaluated in one pass over the pattern,
+    once per distinct norm chain. The ratio is
+    ``‖Σ_{j≠i} F_i(x_j)‖ / (‖Σ_{j≠i} F_i(x_j)‖ + ‖F_i(x_i)‖)``.
+    """
+    chains: dict[tuple[int, ...], tuple[NormChain, NormChain]] = {}
+    for request in requests.values():
+        chains.setdefault((*request.pre.key, -1, *request.post.key), (request.pre, request.post))
+    factors = [
+        attention.gram_factor(post(pre(layer.f, per_receiver=False), per_receiver=False))
+        for pre, post in chains.values()
+    ]
+    off_diagonal = dict(
+        zip(
+            chains,
+            attention.quadratic_norms(
+                attention.by_key(layer.pattern), factors, chunk_size=chunk_size
+            ),
+            strict=True,
+        )
+    )
+    out = {}
+    for name, request in requests.items():
+        pre, post = request.pre, request.post
+        kappa = pre.kappa(layer.own) * post.kappa(layer.own)
+        norms = kappa[..., None] * off_diagonal[(*pre.key, -1, *post.key)]
+        own = pre(layer.own)
+        if request.residual is not None:
+            own = own + request.residual
+        self_norm = post(own).norm(dim=-1)
+        context_norm = post(pre(layer.context)).norm(dim=-1)
+        norms = norms.diagonal_scatter(self_norm, dim1=-2, dim2=-1)
+        total = (context_norm + self_norm).clamp_min(torch.finfo(norms.dtype).tiny)
+        out[name] = (norms, context_norm / total)
+    return out
 
 
 def decomposed_norms(
@@ -62,31 +143,8 @@ def decomposed_norms(
     pre: NormChain = NormChain(),
     post: NormChain = NormChain(),
     *,
-    chunk_size: int = 256,
+    chunk_size: int = 512,
 ) -> tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
-    """``‖F_i(x_j)‖`` for all pairs and the mixing ratio ``r_i`` (METHODS §2).
-
-    ``residual`` is ``x_i`` (None: no residual, the ``attn_n`` scope). The ratio is
-    ``‖Σ_{j≠i} F_i(x_j)‖ / (‖Σ_{j≠i} F_i(x_j)‖ + ‖F_i(x_i)‖)``.
-    """
-    f = attention.source_vectors(v, W_O)
-    transformed = post(pre(f, per_receiver=False), per_receiver=False)
-    kappa = pre.kappa(pattern[:, 0, :, :1]) * post.kappa(pattern[:, 0, :, :1])
-    norms = kappa[..., None] * attention.head_summed_norms(
-        pattern, transformed, chunk_size=chunk_size
-    )
-
-    own = attention.self_part(pattern, f)
-    context = attention.mixed_output(pattern, v, W_O) - own
-
-    def receive(z: Tensor, with_residual: bool) -> Tensor:
-        z = pre(z)
-        if with_residual and residual is not None:
-            z = z + residual
-        return post(z)
-
-    self_norm = receive(own, True).norm(dim=-1)
-    context_norm = receive(context, False).norm(dim=-1)
-    norms = norms.diagonal_scatter(self_norm, dim1=-2, dim2=-1)
-    ratio = context_norm / (context_norm + self_norm).clamp_min(torch.finfo(norms.dtype).tiny)
-    return norms, ratio
+    """One request of ``decompose``: ``(‖F_i(x_j)‖, r_i)`` (METHODS §2)."""
+    layer = AttentionLayer.build(pattern, v, W_O)
+    return decompose(layer, {"": Request(residual, pre, post)}, chunk_size=chunk_size)[""]

@@ -35,14 +35,20 @@ SCOPES: dict[str, Scope] = {
     s.name: s
     for s in (
         Scope("attn_w", frozenset({"pattern"}), True, "§1", "attention weights α; head mean"),
-        Scope("attn_n", frozenset({"pattern", "v"}), True, "§1", "‖Σ_h α^h_ij f^h(x_j)‖"),
+        Scope(
+            "attn_n", frozenset({"pattern", "v", "attn_out"}), True, "§1", "‖Σ_h α^h_ij f^h(x_j)‖"
+        ),
         Scope("attnres_w", frozenset({"pattern"}), False, "§2", "0.5·ᾱ + 0.5·I"),
         Scope(
-            "attnres_n", frozenset({"pattern", "v", "resid_pre"}), False, "§2", "‖Σ_h α f + δ x‖"
+            "attnres_n",
+            frozenset({"pattern", "v", "attn_out", "resid_pre"}),
+            False,
+            "§2",
+            "‖Σ_h α f + δ x‖",
         ),
         Scope(
             "attnresln_n",
-            frozenset({"pattern", "v", "resid_pre"}),
+            frozenset({"pattern", "v", "attn_out", "resid_pre"}),
             False,
             "§2",
             "‖g_i(Σ_h α f + δ x)‖ with the norm that reads attn + x",

@@ -1,0 +1,82 @@
+"""The attention-block scopes of one layer (METHODS.md §1–2), from the adapter's tensors.
+
+Everything shared between scopes is computed once per layer: the masked pattern, its head
+mean, the source vectors ``f^h(x_j)``, the self and context parts, and one pass of quadratic
+forms over the pattern for all norm scopes together (``residual.decompose``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from tl_normmix import attention, residual
+from tl_normmix.adapter import LayerTensors
+from tl_normmix.scopes import NORM_CHAINS
+
+__all__ = ["LayerMaps", "layer_maps"]
+
+NORM_SCOPES = ("attn_n", "attnres_n", "attnresln_n")
+
+
+@dataclass
+class LayerMaps:
+    maps: dict[str, Float[Tensor, "batch query_pos key_pos"]]
+    ratios: dict[str, Float[Tensor, "batch query_pos"]]
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"]  # masked (attn_w per head)
+    value_norms: Float[Tensor, "batch head_index pos"] | None  # ‖f^h(x_j)‖, masked
+
+
+def layer_maps(
+    t: LayerTensors, mask: Bool[Tensor, "batch pos"], scopes: Iterable[str], value_norms: bool
+) -> LayerMaps:
+    """Layer maps and mixing ratios of ``scopes`` for one layer; padded cells are zero."""
+    scopes = list(scopes)
+    pattern = t.pattern if bool(mask.all()) else attention.masked_pattern(t.pattern, mask)
+    maps: dict[str, Tensor] = {}
+    ratios: dict[str, Tensor] = {}
+    if {"attn_w", "attnres_w"} & set(scopes):
+        mean = attention.head_mean(pattern)
+        others = _off_diagonal_sum(mean)
+        if "attn_w" in scopes:
+            maps["attn_w"], ratios["attn_w"] = mean, others
+        if "attnres_w" in scopes:
+            eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
+            maps["attnres_w"], ratios["attnres_w"] = 0.5 * mean + 0.5 * eye, 0.5 * others
+    norms = None
+    requested = [s for s in scopes if s in NORM_SCOPES]
+    if requested:
+        mixed = t["attn_out"] - t.b_O if "attn_out" in t.hooks else None
+        layer = residual.AttentionLayer.build(pattern, t.v, t.W_O, mixed)
+        results = residual.decompose(layer, {s: _request(t, s) for s in requested})
+        for scope, (layer_map, ratio) in results.items():
+            maps[scope], ratios[scope] = layer_map, ratio
+        norms = layer.f.norm(dim=-1).transpose(1, 2)
+    elif value_norms:
+        norms = attention.value_norms(t.v, t.W_O)
+    pair = mask[:, :, None] & mask[:, None, :]
+    return LayerMaps(
+        maps={k: v.masked_fill(~pair, 0.0) for k, v in maps.items()},
+        ratios={k: v.masked_fill(~mask, float("nan")) for k, v in ratios.items()},
+        pattern=pattern,
+        value_norms=norms * mask[:, None, :] if norms is not None else None,
+    )
+
+
+def _off_diagonal_sum(weights: Tensor) -> Tensor:
+    return weights.sum(-1) - weights.diagonal(dim1=-2, dim2=-1)
+
+
+def _request(t: LayerTensors, scope: str) -> residual.Request:
+    if scope == "attn_n":
+        return residual.Request()
+    pre, post = NORM_CHAINS[(scope, t.spec.kind)]
+
+    def chain(names: tuple[str, ...]) -> residual.NormChain:
+        return residual.NormChain([(t.norms[n], t[f"{n}.scale"]) for n in names])
+
+    return residual.Request(t["resid_pre"], chain(pre), chain(post))
