@@ -22,21 +22,11 @@ import torch
 from tqdm import tqdm
 
 import tl_normmix as nm
+from tl_normmix.corpus import conllu_texts
 from tl_normmix.summary import mixing_ratio_stats, sink_share
 
 SCOPES = ("attn_w", "attn_n", "attnres_w", "attnres_n", "attnresln_n")
 EWT_DEV = Path(__file__).resolve().parents[2] / "shared/data/ud/UD_English-EWT/en_ewt-ud-dev.conllu"
-
-
-def sentences(path: Path, n: int) -> list[str]:
-    texts = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("# text ="):
-                texts.append(line.split("=", 1)[1].strip())
-                if len(texts) == n:
-                    break
-    return texts
 
 
 def main() -> None:
@@ -52,7 +42,7 @@ def main() -> None:
     lows: dict[str, torch.Tensor] = {}
     tokens_seen = 0
     shares = {"attn_w": [], "attn_n": []}
-    for text in tqdm(sentences(args.conllu, args.sentences), desc=args.model):
+    for text in tqdm(conllu_texts(args.conllu, args.sentences), desc=args.model):
         toks = model.to_tokens(text)
         with torch.no_grad():
             _, cache = model.run_with_cache(toks, names_filter=names)

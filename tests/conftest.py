@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tl_normmix.corpus import conllu_texts
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -40,14 +42,7 @@ def ewt_sentences(n: int) -> list[str]:
         raise FileNotFoundError(
             f"{EWT_DEV} is missing: the tests expect ../shared beside the clone."
         )
-    texts = []
-    with EWT_DEV.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("# text ="):
-                texts.append(line.split("=", 1)[1].strip())
-                if len(texts) == n:
-                    break
-    return texts
+    return conllu_texts(EWT_DEV, n)
 
 
 def assert_rel_close(
