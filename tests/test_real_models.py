@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import test_adapter
+import test_residual
 import torch
 from conftest import ewt_sentences, read_layers
 
@@ -43,6 +44,13 @@ def test_identities_hold_on_real_weights(real):
     test_adapter.test_norms_match_their_outputs_and_scales(layers)
     test_adapter.test_mlp_activation_and_weights(layers)
     test_adapter.test_residual_stream_adds_up(layers)
+
+
+@pytest.mark.parametrize("scope", test_residual.NORM_SCOPES)
+def test_completeness_on_real_weights(real, scope):
+    """METHODS §2 identities on every layer of the real models (attnresln_n: LN1 in BERT, LN2
+    in Llama)."""
+    test_residual.test_completeness_against_the_cache(real, scope)
 
 
 def test_smollm2_is_the_real_model(smollm2):

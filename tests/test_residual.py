@@ -17,9 +17,7 @@ from tiny_models import run_with_cache, tokens
 
 import tl_normmix as nm
 from tl_normmix.blocks import BlockKind
-from tl_normmix.scopes import NORM_CHAINS, UnsupportedScopeError
-
-NORM_SCOPES = ("attn_n", "attnres_n", "attnresln_n")
+from tl_normmix.scopes import NORM_CHAINS, NORM_SCOPES, UnsupportedScopeError
 
 
 def _reference(t, scope: str, mask: torch.Tensor):

@@ -16,11 +16,9 @@ from torch import Tensor
 
 from tl_normmix import attention, residual
 from tl_normmix.adapter import LayerTensors
-from tl_normmix.scopes import NORM_CHAINS
+from tl_normmix.scopes import NORM_CHAINS, NORM_SCOPES
 
 __all__ = ["LayerMaps", "layer_maps"]
-
-NORM_SCOPES = ("attn_n", "attnres_n", "attnresln_n")
 
 
 @dataclass

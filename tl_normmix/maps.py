@@ -143,7 +143,7 @@ def mixing_maps(
         tensors = _read(adapter, cache, layer, roles, names, value_norms)
         if mask is None:
             mask = _mask(attention_mask, tensors.batch, tensors.pos, tensors.device)
-        result = layer_maps(tensors, mask, names, value_norms or "attn_n" in names)
+        result = layer_maps(tensors, mask, names, value_norms)
         for scope, layer_map in result.maps.items():
             if scope not in outputs:  # preallocated: one copy of each map, no stacking
                 outputs[scope] = layer_map.new_empty(len(layer_list), *layer_map.shape)

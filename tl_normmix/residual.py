@@ -93,6 +93,11 @@ class Request:
     pre: NormChain = NormChain()
     post: NormChain = NormChain()
 
+    @property
+    def chain_key(self) -> tuple[int, ...]:
+        """Requests with equal keys share their off-diagonal quadratic form."""
+        return (*self.pre.key, -1, *self.post.key)
+
 
 def decompose(
     layer: AttentionLayer, requests: dict[str, Request], *, chunk_size: int = 512
@@ -105,7 +110,7 @@ def decompose(
     """
     chains: dict[tuple[int, ...], tuple[NormChain, NormChain]] = {}
     for request in requests.values():
-        chains.setdefault((*request.pre.key, -1, *request.post.key), (request.pre, request.post))
+        chains.setdefault(request.chain_key, (request.pre, request.post))
     factors = [
         attention.gram_factor(post(pre(layer.f, per_receiver=False), per_receiver=False))
         for pre, post in chains.values()
@@ -123,7 +128,7 @@ def decompose(
     for name, request in requests.items():
         pre, post = request.pre, request.post
         kappa = pre.kappa(layer.own) * post.kappa(layer.own)
-        norms = kappa[..., None] * off_diagonal[(*pre.key, -1, *post.key)]
+        norms = kappa[..., None] * off_diagonal[request.chain_key]
         own = pre(layer.own)
         if request.residual is not None:
             own = own + request.residual

@@ -14,6 +14,7 @@ from tl_normmix.blocks import BlockKind
 
 __all__ = [
     "NORM_CHAINS",
+    "NORM_SCOPES",
     "SCOPES",
     "Scope",
     "UnsupportedScopeError",
@@ -56,6 +57,9 @@ SCOPES: dict[str, Scope] = {
     )
 }
 
+#: Scopes computed from norms of decomposed vectors (METHODS §1–2), by ``residual.decompose``.
+NORM_SCOPES = ("attn_n", "attnres_n", "attnresln_n")
+
 #: The norms linearised before and after the residual add, per scope and block kind (METHODS §2):
 #: ``(pre, post)``. Sandwich blocks normalise the attention output before adding the residual.
 NORM_CHAINS: dict[tuple[str, BlockKind], tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -69,7 +73,7 @@ NORM_CHAINS: dict[tuple[str, BlockKind], tuple[tuple[str, ...], tuple[str, ...]]
 
 def scope_roles(scope: Scope, kind: BlockKind) -> frozenset[str]:
     """The cache roles ``scope`` reads in blocks of ``kind``."""
-    if scope.name not in ("attnres_n", "attnresln_n"):
+    if scope.name not in {name for name, _ in NORM_CHAINS}:
         return scope.roles
     if (scope.name, kind) not in NORM_CHAINS:
         raise UnsupportedScopeError(
