@@ -9,22 +9,26 @@ attention and cast to float32.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 __all__ = [
-    "by_key",
+    "CHUNK_SIZE",
+    "SourceTerms",
     "gram_factor",
     "head_mean",
     "head_summed_norms",
     "masked_pattern",
     "mixed_output",
     "per_head_norms",
+    "psd_factor",
     "quadratic_norms",
     "self_part",
+    "source_terms",
     "source_vectors",
     "value_norms",
 ]
@@ -80,8 +84,13 @@ def gram_factor(
     f: Float[Tensor, "batch key_pos head_index d_model"],
 ) -> Float[Tensor, "batch key_pos head_index head_index"]:
     """A factor ``L_j`` of the per-source Gram matrix ``G_j[h, h'] = ⟨f^h_j, f^{h'}_j⟩ = L_j L_jᵀ``
-    (METHODS §1, cost): Cholesky, or an eigen-factor where ``G_j`` is singular (a zero head)."""
-    gram = torch.einsum("bjhm,bjgm->bjhg", f, f)
+    (METHODS §1, cost)."""
+    return psd_factor(torch.matmul(f, f.transpose(-1, -2)))
+
+
+def psd_factor(gram: Float[Tensor, "*batch n n"]) -> Float[Tensor, "*batch n n"]:
+    """``L`` with ``L Lᵀ = G`` for a positive semi-definite ``G``: Cholesky, or an eigen-factor
+    where ``G`` is singular (e.g. a head whose ``W_O`` is zero)."""
     factor, info = torch.linalg.cholesky_ex(gram)
     bad = info != 0
     if bad.any():
@@ -90,43 +99,88 @@ def gram_factor(
     return factor
 
 
-def by_key(
-    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
-) -> Float[Tensor, "batch key_pos query_pos head_index"]:
-    """The pattern laid out per source, contiguous: ``α_j`` as a ``[query, head]`` matrix."""
-    return pattern.permute(0, 3, 2, 1).contiguous()
+#: Default rows per chunk: queries in ``quadratic_norms``, sources in ``source_terms``. Small
+#: chunks keep the working buffers in cache; peak working memory is ``O(chunk · N · H)``.
+CHUNK_SIZE = 32
 
 
 def quadratic_norms(
-    alpha_by_key: Float[Tensor, "batch key_pos query_pos head_index"],
-    factors: Sequence[Float[Tensor, "batch key_pos head_index head_index"]],
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+    factors: Sequence[Float[Tensor, "batch key_pos head_index rank"]],
     *,
-    chunk_size: int = 512,
-) -> list[Float[Tensor, "batch query_pos key_pos"]]:
-    """``‖Σ_h α^h_ij f^h_j‖ = ‖L_jᵀ α_ij‖`` for each Gram factor (METHODS §1, cost).
+    chunk_size: int = CHUNK_SIZE,
+) -> Float[Tensor, "factor batch query_pos key_pos"]:
+    """``‖Σ_h α^h_ij f^h_j‖ = ‖L_jᵀ α_ij‖`` for each Gram factor ``L`` (METHODS §1, cost).
 
-    One batched matmul per chunk of sources serves every factor at once (they are concatenated),
-    so cost is ``O(N²·H²)`` per factor and peak memory ``O(chunk·N·H)``, never ``N²·d``.
+    Chunked over queries: each chunk of the pattern is transposed once so that every source ``j``
+    holds its ``[query, head]`` block, and one batched matmul against all factors (concatenated)
+    serves every factor at once. Cost ``O(N²·H·rank)`` per factor; working memory
+    ``O(chunk·N·H·n_factors)``, never ``N²·d``.
     """
-    batch, n_key, n_query, heads = alpha_by_key.shape
-    stacked = torch.cat(list(factors), dim=-1)  # [batch, key, head, head · n_factors]
-    out = alpha_by_key.new_empty(len(factors), batch, n_key, n_query)
-    for start in range(0, n_key, chunk_size):
-        stop = start + chunk_size
-        projected = torch.matmul(alpha_by_key[:, start:stop], stacked[:, start:stop])
-        squares = projected.square().unflatten(-1, (len(factors), heads)).sum(-1)
-        out[:, :, start:stop] = squares.permute(3, 0, 1, 2)
-    return list(out.sqrt().transpose(-1, -2))
+    batch, _, n_query, n_key = pattern.shape
+    ranks = [factor.shape[-1] for factor in factors]
+    stacked = torch.cat(list(factors), dim=-1)  # [batch, key, head, Σ rank]
+    out = pattern.new_empty(len(factors), batch, n_query, n_key)
+    for start in range(0, n_query, chunk_size):
+        stop = min(start + chunk_size, n_query)
+        # [batch, head, key, chunk] contiguous, seen as [batch, key, chunk, head] without a copy.
+        by_key = pattern[:, :, start:stop].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
+        projected = torch.matmul(by_key, stacked)  # [batch, key, chunk, Σ rank]
+        for index, part in enumerate(projected.split(ranks, dim=-1)):
+            out[index, :, start:stop] = torch.linalg.vector_norm(part, dim=-1).transpose(1, 2)
+    return out
 
 
 def head_summed_norms(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     f: Float[Tensor, "batch key_pos head_index d_model"],
     *,
-    chunk_size: int = 512,
+    chunk_size: int = CHUNK_SIZE,
 ) -> Float[Tensor, "batch query_pos key_pos"]:
     """``‖Σ_h α^h_ij f^h_j‖`` for all pairs without an ``N×N×d`` tensor (METHODS §1)."""
-    return quadratic_norms(by_key(pattern), [gram_factor(f)], chunk_size=chunk_size)[0]
+    return quadratic_norms(pattern, [gram_factor(f)], chunk_size=chunk_size)[0]
+
+
+@dataclass
+class SourceTerms:
+    """Per-source quantities of one layer, from one chunked pass over the sources."""
+
+    factors: list[Float[Tensor, "batch key_pos head_index head_index"]]  # one per transform
+    own: Float[Tensor, "batch pos d_model"]  # Σ_h α^h_ii f^h_i
+    value_norms: Float[Tensor, "batch head_index pos"]  # ‖f^h_j‖
+
+
+def source_terms(
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+    v: Float[Tensor, "batch pos head_index d_head"],
+    W_O: Float[Tensor, "head_index d_head d_model"],
+    transforms: Sequence[Callable[[Tensor], Tensor] | None],
+    *,
+    chunk_size: int = CHUNK_SIZE,
+) -> SourceTerms:
+    """Gram factors of ``T f^h_j`` for each fixed linear map ``T`` (None: the identity), the self
+    part and the value norms (METHODS §1–2), building ``f`` only ``chunk_size`` sources at a time
+    (never ``[batch, pos, head, d_model]`` at once)."""
+    batch, pos, heads, _ = v.shape
+    diagonal = pattern.diagonal(dim1=-2, dim2=-1)  # [batch, head, pos]
+    factors = [v.new_empty(batch, pos, heads, heads) for _ in transforms]
+    own = v.new_empty(batch, pos, W_O.shape[-1])
+    norms = v.new_empty(batch, pos, heads)
+    for start in range(0, pos, chunk_size):
+        stop = min(start + chunk_size, pos)
+        f = source_vectors(v[:, start:stop], W_O)
+        own[:, start:stop] = self_part(diagonal[..., start:stop], f)
+        have_norms = False
+        for factor, transform in zip(factors, transforms, strict=True):
+            g = f if transform is None else transform(f)
+            gram = torch.matmul(g, g.transpose(-1, -2))
+            if transform is None and not have_norms:  # ‖f^h_j‖² is the Gram diagonal
+                norms[:, start:stop] = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
+                have_norms = True
+            factor[:, start:stop] = psd_factor(gram)
+        if not have_norms:
+            norms[:, start:stop] = f.norm(dim=-1)
+    return SourceTerms(factors=factors, own=own, value_norms=norms.transpose(1, 2))
 
 
 def mixed_output(
@@ -140,9 +194,8 @@ def mixed_output(
 
 
 def self_part(
-    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+    diagonal: Float[Tensor, "batch head_index pos"],
     f: Float[Tensor, "batch pos head_index d_model"],
 ) -> Float[Tensor, "batch pos d_model"]:
-    """``Σ_h α^h_ii f^h(x_i)``: what token ``i`` takes from itself through attention."""
-    diagonal = pattern.diagonal(dim1=-2, dim2=-1)  # [batch, head, pos]
-    return torch.einsum("bhi,bihm->bim", diagonal, f)
+    """``Σ_h α^h_ii f^h(x_i)`` from the pattern's diagonal: what token ``i`` takes from itself."""
+    return (f * diagonal.transpose(1, 2)[..., None]).sum(dim=2)

@@ -1,8 +1,8 @@
 """The attention-block scopes of one layer (METHODS.md §1–2), from the adapter's tensors.
 
 Everything shared between scopes is computed once per layer: the masked pattern, its head
-mean, the source vectors ``f^h(x_j)``, the self and context parts, and one pass of quadratic
-forms over the pattern for all norm scopes together (``residual.decompose``).
+mean, the source vectors ``f^h(x_j)`` (a chunk of sources at a time), the self and context
+parts, and one chunked pass of quadratic forms for all norm scopes (``residual.decompose``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -34,7 +33,8 @@ def layer_maps(
 ) -> LayerMaps:
     """Layer maps and mixing ratios of ``scopes`` for one layer; padded cells are zero."""
     scopes = list(scopes)
-    pattern = t.pattern if bool(mask.all()) else attention.masked_pattern(t.pattern, mask)
+    padded = not bool(mask.all())
+    pattern = attention.masked_pattern(t.pattern, mask) if padded else t.pattern
     maps: dict[str, Tensor] = {}
     ratios: dict[str, Tensor] = {}
     if {"attn_w", "attnres_w"} & set(scopes):
@@ -43,26 +43,29 @@ def layer_maps(
         if "attn_w" in scopes:
             maps["attn_w"], ratios["attn_w"] = mean, others
         if "attnres_w" in scopes:
-            eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
-            maps["attnres_w"], ratios["attnres_w"] = 0.5 * mean + 0.5 * eye, 0.5 * others
+            half = 0.5 * mean
+            half.diagonal(dim1=-2, dim2=-1).add_(0.5)
+            maps["attnres_w"], ratios["attnres_w"] = half, 0.5 * others
     norms = None
     requested = [s for s in scopes if s in NORM_SCOPES]
     if requested:
         mixed = t["attn_out"] - t.b_O if "attn_out" in t.hooks else None
-        layer = residual.AttentionLayer.build(pattern, t.v, t.W_O, mixed)
-        results = residual.decompose(layer, {s: _request(t, s) for s in requested})
-        for scope, (layer_map, ratio) in results.items():
+        requests = {s: _request(t, s) for s in requested}
+        result = residual.decompose(pattern, t.v, t.W_O, requests, mixed=mixed)
+        for scope, (layer_map, ratio) in result.maps.items():
             maps[scope], ratios[scope] = layer_map, ratio
-        norms = layer.f.norm(dim=-1).transpose(1, 2)
+        norms = result.value_norms
     elif value_norms:
         norms = attention.value_norms(t.v, t.W_O)
-    pair = mask[:, :, None] & mask[:, None, :]
-    return LayerMaps(
-        maps={k: v.masked_fill(~pair, 0.0) for k, v in maps.items()},
-        ratios={k: v.masked_fill(~mask, float("nan")) for k, v in ratios.items()},
-        pattern=pattern,
-        value_norms=norms * mask[:, None, :] if norms is not None else None,
-    )
+    if padded:  # every map here is a fresh tensor: mask in place
+        pair = mask[:, :, None] & mask[:, None, :]
+        for layer_map in maps.values():
+            layer_map.masked_fill_(~pair, 0.0)
+        for ratio in ratios.values():
+            ratio.masked_fill_(~mask, float("nan"))
+        if norms is not None:
+            norms = norms * mask[:, None, :]
+    return LayerMaps(maps=maps, ratios=ratios, pattern=pattern, value_norms=norms)
 
 
 def _off_diagonal_sum(weights: Tensor) -> Tensor:

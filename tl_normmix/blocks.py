@@ -45,13 +45,15 @@ class NormSpec:
     eps: float
 
     def linear(
-        self, z: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | float
+        self, z: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None
     ) -> Float[Tensor, "... d_model"]:
         """``g(z) = γ ⊙ (z − mean z) / s`` (RMSNorm: ``γ ⊙ z / s``): the norm as a linear map of
         one part ``z`` of its input, with the scale ``s`` of the *whole* input frozen (METHODS §0).
+        ``scale=None`` leaves out ``1/s``: the fixed linear part ``T`` of the norm.
         """
         centred = z - z.mean(-1, keepdim=True) if self.kind == "layernorm" else z
-        return self.weight * centred / scale
+        out = self.weight * centred
+        return out if scale is None else out / scale
 
     def apply(
         self, x: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"]

@@ -19,7 +19,7 @@ a quadratic form over the Gram matrix of the transformed sources (no ``N×N×d``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ from torch import Tensor
 from tl_normmix import attention
 from tl_normmix.blocks import NormSpec
 
-__all__ = ["AttentionLayer", "NormChain", "Request", "decompose", "decomposed_norms"]
+__all__ = ["Decomposition", "NormChain", "Request", "decompose", "decomposed_norms"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,10 @@ class NormChain:
     norms: Sequence[tuple[NormSpec, Tensor]] = ()
 
     def __call__(self, z: Tensor, *, per_receiver: bool = True) -> Tensor:
-        """Apply the chain to ``z`` ``[batch, pos, ..., d]`` (receiver scales if ``per_receiver``,
-        else scale 1: the fixed map ``T``)."""
+        """Apply the chain to ``z`` ``[batch, pos, ..., d]`` with the receivers' scales, or, if not
+        ``per_receiver``, without them (the fixed linear map ``T``)."""
         for norm, scale in self.norms:
-            s = scale.reshape(*scale.shape[:2], *([1] * (z.ndim - 2))) if per_receiver else 1.0
+            s = scale.reshape(*scale.shape[:2], *([1] * (z.ndim - 2))) if per_receiver else None
             z = norm.linear(z, s)
         return z
 
@@ -59,32 +59,6 @@ class NormChain:
         return out
 
 
-@dataclass
-class AttentionLayer:
-    """One layer's attention quantities shared by every norm scope (computed once per layer)."""
-
-    pattern: Float[Tensor, "batch head_index query_pos key_pos"]  # padding already masked
-    f: Float[Tensor, "batch pos head_index d_model"]  # f^h(x_j) = v^h_j W_O^h
-    own: Float[Tensor, "batch pos d_model"]  # Σ_h α^h_ii f^h_i
-    context: Float[Tensor, "batch pos d_model"]  # Σ_{j≠i} Σ_h α^h_ij f^h_j
-
-    @classmethod
-    def build(
-        cls,
-        pattern: Float[Tensor, "batch head_index query_pos key_pos"],
-        v: Float[Tensor, "batch pos head_index d_head"],
-        W_O: Float[Tensor, "head_index d_head d_model"],
-        mixed: Float[Tensor, "batch pos d_model"] | None = None,
-    ) -> AttentionLayer:
-        """``mixed`` is ``Σ_j Σ_h α f`` if known (the cached attention output minus ``b_O``);
-        otherwise it is computed from the pattern and values."""
-        f = attention.source_vectors(v, W_O)
-        own = attention.self_part(pattern, f)
-        if mixed is None:
-            mixed = attention.mixed_output(pattern, v, W_O)
-        return cls(pattern=pattern, f=f, own=own, context=mixed - own)
-
-
 @dataclass(frozen=True)
 class Request:
     """One scope's decomposition: residual ``x_i`` (None: none) and the norm chains."""
@@ -98,46 +72,69 @@ class Request:
         """Requests with equal keys share their off-diagonal quadratic form."""
         return (*self.pre.key, -1, *self.post.key)
 
+    def transform(self) -> Callable[[Tensor], Tensor] | None:
+        """The fixed linear map ``T`` of both chains (None when there are no norms)."""
+        if not self.pre.norms and not self.post.norms:
+            return None
+        pre, post = self.pre, self.post
+        return lambda f: post(pre(f, per_receiver=False), per_receiver=False)
+
+
+PairNorms = Float[Tensor, "batch query_pos key_pos"]
+Ratios = Float[Tensor, "batch query_pos"]
+
+
+@dataclass
+class Decomposition:
+    """``(‖F_i(x_j)‖ [batch, query, key], r_i [batch, query])`` per request, and the value norms
+    ``‖f^h_j‖`` ``[batch, head, key]`` that came for free."""
+
+    maps: dict[str, tuple[PairNorms, Ratios]]
+    value_norms: Float[Tensor, "batch head_index pos"]
+
 
 def decompose(
-    layer: AttentionLayer, requests: dict[str, Request], *, chunk_size: int = 512
-) -> dict[str, tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]]:
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+    v: Float[Tensor, "batch pos head_index d_head"],
+    W_O: Float[Tensor, "head_index d_head d_model"],
+    requests: dict[str, Request],
+    *,
+    mixed: Float[Tensor, "batch pos d_model"] | None = None,
+    chunk_size: int = attention.CHUNK_SIZE,
+) -> Decomposition:
     """``‖F_i(x_j)‖`` for all pairs and the mixing ratio ``r_i`` per request (METHODS §2).
 
-    The off-diagonal quadratic forms of all requests are evaluated in one pass over the pattern,
-    once per distinct norm chain. The ratio is
+    ``pattern`` has padding already masked; ``mixed`` is ``Σ_j Σ_h α f`` if known (the cached
+    attention output minus ``b_O``), else it is computed. One chunked pass over the sources
+    builds a Gram factor per distinct norm chain; one chunked pass over the queries evaluates
+    every chain's quadratic form. The ratio is
     ``‖Σ_{j≠i} F_i(x_j)‖ / (‖Σ_{j≠i} F_i(x_j)‖ + ‖F_i(x_i)‖)``.
     """
-    chains: dict[tuple[int, ...], tuple[NormChain, NormChain]] = {}
+    chains: dict[tuple[int, ...], Request] = {}
     for request in requests.values():
-        chains.setdefault(request.chain_key, (request.pre, request.post))
-    factors = [
-        attention.gram_factor(post(pre(layer.f, per_receiver=False), per_receiver=False))
-        for pre, post in chains.values()
-    ]
-    off_diagonal = dict(
-        zip(
-            chains,
-            attention.quadratic_norms(
-                attention.by_key(layer.pattern), factors, chunk_size=chunk_size
-            ),
-            strict=True,
-        )
+        chains.setdefault(request.chain_key, request)
+    terms = attention.source_terms(
+        pattern, v, W_O, [r.transform() for r in chains.values()], chunk_size=chunk_size
     )
+    quadratic = attention.quadratic_norms(pattern, terms.factors, chunk_size=chunk_size)
+    off_diagonal = dict(zip(chains, quadratic, strict=True))
+    if mixed is None:
+        mixed = attention.mixed_output(pattern, v, W_O)
+    context = mixed - terms.own
     out = {}
     for name, request in requests.items():
         pre, post = request.pre, request.post
-        kappa = pre.kappa(layer.own) * post.kappa(layer.own)
-        norms = kappa[..., None] * off_diagonal[request.chain_key]
-        own = pre(layer.own)
+        kappa = pre.kappa(terms.own) * post.kappa(terms.own)
+        norms = off_diagonal[request.chain_key] * kappa[..., None]
+        own = pre(terms.own)
         if request.residual is not None:
             own = own + request.residual
         self_norm = post(own).norm(dim=-1)
-        context_norm = post(pre(layer.context)).norm(dim=-1)
-        norms = norms.diagonal_scatter(self_norm, dim1=-2, dim2=-1)
+        context_norm = post(pre(context)).norm(dim=-1)
+        norms.diagonal(dim1=-2, dim2=-1).copy_(self_norm)
         total = (context_norm + self_norm).clamp_min(torch.finfo(norms.dtype).tiny)
         out[name] = (norms, context_norm / total)
-    return out
+    return Decomposition(maps=out, value_norms=terms.value_norms)
 
 
 def decomposed_norms(
@@ -148,8 +145,8 @@ def decomposed_norms(
     pre: NormChain = NormChain(),
     post: NormChain = NormChain(),
     *,
-    chunk_size: int = 512,
+    chunk_size: int = attention.CHUNK_SIZE,
 ) -> tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
     """One request of ``decompose``: ``(‖F_i(x_j)‖, r_i)`` (METHODS §2)."""
-    layer = AttentionLayer.build(pattern, v, W_O)
-    return decompose(layer, {"": Request(residual, pre, post)}, chunk_size=chunk_size)[""]
+    requests = {"": Request(residual, pre, post)}
+    return decompose(pattern, v, W_O, requests, chunk_size=chunk_size).maps[""]
