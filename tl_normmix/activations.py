@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "activation"]
+__all__ = ["ACTIVATIONS", "NON_ELEMENTWISE", "activation"]
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -23,6 +23,9 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,  # Llama
     "swish": F.silu,
 }
+
+#: TransformerLens activations that mix hidden units (softmax-based): no per-unit integral.
+NON_ELEMENTWISE = frozenset({"solu", "solu_ln"})
 
 
 def activation(name: str) -> Callable[[Tensor], Tensor]:

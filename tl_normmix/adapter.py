@@ -296,7 +296,6 @@ class ModelAdapter:
         for flag, feature in (
             ("parallel_attn_mlp", "parallel attention and MLP"),
             ("use_normalization_before_and_after", "sandwich norms"),
-            ("num_experts", "mixture-of-experts MLP"),
             ("attn_only", "attention-only blocks"),
         ):
             if getattr(cfg, flag, None):
@@ -425,6 +424,15 @@ class ModelAdapter:
     def mlp(self, layer: int) -> MLPSpec:
         """The feed-forward block of ``layer``."""
         module = self.model.blocks[layer].mlp
+        experts = getattr(self.model.cfg, "num_experts", None)
+        if experts or not hasattr(module, "W_in"):
+            raise UnsupportedModelError(
+                f"Layer {layer} of {self.spec.model_name}: the feed-forward block "
+                f"({type(module).__name__}{f', {experts} experts' if experts else ''}) is a "
+                "mixture of experts or has an unusual structure; whole-layer scopes need a single "
+                "MLP `act(u W_in + b_in) W_out + b_out` (or its gated form). Attention-block "
+                "scopes still work."
+            )
         W_in = module.W_in.detach().float()
         d_mlp, d = W_in.shape[1], self.spec.block.d_model
         W_gate = getattr(module, "W_gate", None) if self.spec.block.gated_mlp else None
@@ -438,7 +446,19 @@ class ModelAdapter:
             W_gate=W_gate.detach().float() if W_gate is not None else None,
             b_gate=b_gate.detach().float() if b_gate is not None else None,
             bias_after_gate=W_gate is not None and self.family != "bridge",
+            act=_activation_module(module),
         )
+
+
+def _activation_module(mlp: Any) -> Any:
+    """The model's own activation callable (used only for activations tl_normmix does not know,
+    when the user asks for quadrature)."""
+    for owner in (mlp, getattr(mlp, "original_component", None)):
+        for attr in ("act_fn", "act", "activation_fn", "intermediate_act_fn"):
+            candidate = getattr(owner, attr, None) if owner is not None else None
+            if callable(candidate):
+                return candidate
+    return None
 
 
 def _has(cache: Any, name: str) -> bool:

@@ -17,7 +17,7 @@ from tl_normmix import attention, residual
 from tl_normmix.adapter import LayerTensors
 from tl_normmix.scopes import NORM_CHAINS, NORM_SCOPES
 
-__all__ = ["LayerMaps", "layer_maps"]
+__all__ = ["LayerMaps", "layer_maps", "mask_padding"]
 
 
 @dataclass
@@ -58,11 +58,7 @@ def layer_maps(
     elif value_norms:
         norms = attention.value_norms(t.v, t.W_O)
     if padded:  # every map here is a fresh tensor: mask in place
-        pair = mask[:, :, None] & mask[:, None, :]
-        for layer_map in maps.values():
-            layer_map.masked_fill_(~pair, 0.0)
-        for ratio in ratios.values():
-            ratio.masked_fill_(~mask, float("nan"))
+        mask_padding(maps, ratios, mask)
         if norms is not None:
             norms = norms * mask[:, None, :]
     return LayerMaps(maps=maps, ratios=ratios, pattern=pattern, value_norms=norms)
@@ -81,3 +77,14 @@ def _request(t: LayerTensors, scope: str) -> residual.Request:
         return residual.NormChain([(t.norms[n], t[f"{n}.scale"]) for n in names])
 
     return residual.Request(t["resid_pre"], chain(pre), chain(post))
+
+
+def mask_padding(maps: dict[str, Tensor], ratios: dict[str, Tensor], mask: Tensor) -> None:
+    """Zero the padded cells of fresh maps and set padded tokens' ratios to NaN, in place."""
+    if bool(mask.all()):
+        return
+    pair = mask[:, :, None] & mask[:, None, :]
+    for layer_map in maps.values():
+        layer_map.masked_fill_(~pair, 0.0)
+    for ratio in ratios.values():
+        ratio.masked_fill_(~mask, float("nan"))

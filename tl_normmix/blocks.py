@@ -7,6 +7,7 @@ block is built. No hook names and no TransformerLens types appear here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -14,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_normmix.activations import activation
+from tl_normmix.activations import ACTIVATIONS, activation
 
 __all__ = ["BlockKind", "BlockSpec", "MLPSpec", "NormSpec"]
 
@@ -80,10 +81,18 @@ class MLPSpec:
     W_gate: Float[Tensor, "d_model d_mlp"] | None = None
     b_gate: Float[Tensor, " d_mlp"] | None = None
     bias_after_gate: bool = False
+    act: Callable[[Tensor], Tensor] | None = None  # the model's own activation module, if any
 
     @property
     def gated(self) -> bool:
         return self.W_gate is not None
+
+    @property
+    def activation(self) -> Callable[[Tensor], Tensor]:
+        """The exact activation by name, else the model's own module (if it was found)."""
+        if self.act_fn not in ACTIVATIONS and self.act is not None:
+            return self.act
+        return activation(self.act_fn)
 
     def hidden(
         self,
@@ -91,7 +100,7 @@ class MLPSpec:
         pre_linear: Float[Tensor, "... d_mlp"] | None = None,
     ) -> Float[Tensor, "... d_mlp"]:
         """The hidden activation from the pre-activation(s) (gated: ``pre`` is the gate branch)."""
-        act = activation(self.act_fn)(pre)
+        act = self.activation(pre)
         if not self.gated:
             return act
         if pre_linear is None:

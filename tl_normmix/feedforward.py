@@ -5,8 +5,9 @@ The input of the feed-forward block at receiver ``i`` is decomposed as ``u_i = �
 integrated gradient of source ``j`` is linear in its own part:
 
 * element-wise ``act``: ``IG_ij = ((u_ij W_in) ⊙ c_i) W_out`` with
-  ``c_i = (act(a_i + b'_i) − act(b'_i)) / a_i``, ``a_i = Σ_j u_ij W_in``, ``b'_i = u^b_i W_in + b_in``
-  (``act'(b'_i + a_i/2)`` where ``|a_i| → 0``): closed form, no integration steps;
+  ``c_i = (act(a_i + b'_i) − act(b'_i)) / a_i``, ``a_i = Σ_j u_ij W_in``,
+  ``b'_i = u^b_i W_in + b_in`` (``act'(b'_i + a_i/2)`` where ``|a_i| → 0``): closed form, no
+  integration steps;
 * gated ``(act(u W_gate + b_g) ⊙ (u W_in + b_in)) W_out``: ``IG_ij = ((u_ij W_gate) ⊙ K1_i +
   (u_ij W_in) ⊙ K2_i) W_out`` with ``K1 = ∫₀¹ act'(tA + g₀) ⊙ (tC + l₀) dt`` and
   ``K2 = ∫₀¹ act(tA + g₀) dt`` (``A, C`` the parts' pre-activations, ``g₀, l₀`` the bias
@@ -54,6 +55,12 @@ class IGCoefficients:
 
     k_in: Float[Tensor, "... d_mlp"]  # c_i (element-wise) or K2_i (gated)
     k_gate: Float[Tensor, "... d_mlp"] | None  # K1_i (gated) or None
+
+    def rows(self, start: int, stop: int) -> IGCoefficients:
+        """Receivers ``start:stop`` of ``[batch, pos, d_mlp]`` coefficients, shaped to broadcast
+        against pair tensors ``[batch, key, chunk, d_mlp]``."""
+        gate = self.k_gate[:, None, start:stop] if self.k_gate is not None else None
+        return IGCoefficients(k_in=self.k_in[:, None, start:stop], k_gate=gate)
 
 
 def derivative(act: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -151,4 +158,3 @@ def flops_per_pair(d_model: int, d_mlp: int, heads: int, gated: bool) -> int:
     """Multiply-adds ×2 of the per-pair work of one layer (METHODS §3, cost), per ``(i, j)``."""
     first = heads * d_mlp * (2 if gated else 1)
     return 2 * (first + d_mlp * d_model + heads * d_model)
-

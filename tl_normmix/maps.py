@@ -22,8 +22,9 @@ from torch import Tensor
 
 from tl_normmix import attention
 from tl_normmix.adapter import LayerTensors, MissingHookError, ModelAdapter, adapt
-from tl_normmix.attention_block import layer_maps
-from tl_normmix.scopes import VALUE_NORM_ROLES, resolve_scopes, scope_roles
+from tl_normmix.attention_block import layer_maps, mask_padding
+from tl_normmix.scopes import VALUE_NORM_ROLES, WHOLE_LAYER_SCOPES, resolve_scopes, scope_roles
+from tl_normmix.whole_layer import FFOptions, whole_layer_maps
 
 __all__ = ["MixingMaps", "hook_filter", "mixing_maps"]
 
@@ -43,6 +44,9 @@ class MixingMaps:
         model_name: the model's name as TransformerLens reports it.
         tokens: token ids ``[batch, pos]`` if given.
         str_tokens: token strings per batch row if the model has a tokenizer and tokens were given.
+        completeness: whole-layer scope -> ``[layer, batch, pos]`` relative residual
+            ``‖Σ_j F_i(x_j) + bias terms − cached output‖ / ‖cached output‖`` (METHODS §3), like
+            captum's convergence delta; NaN at padding.
     """
 
     layers: tuple[int, ...]
@@ -55,6 +59,9 @@ class MixingMaps:
     value_norms: Float[Tensor, "layer batch head_index pos"] | None = None
     tokens: Int[Tensor, "batch pos"] | None = None
     str_tokens: list[list[str]] | None = field(default=None, repr=False)
+    completeness: dict[str, Float[Tensor, "layer batch pos"]] = field(
+        default_factory=dict, repr=False
+    )
 
     def __getitem__(self, scope: str) -> Float[Tensor, "layer batch query_pos key_pos"]:
         if scope not in self.maps:
@@ -115,6 +122,8 @@ def mixing_maps(
     attention_mask: Tensor | None = None,
     tokens: Tensor | None = None,
     value_norms: bool = False,
+    quadrature_points: int | None = None,
+    chunk_size: int | None = None,
 ) -> MixingMaps:
     """Compute the context-mixing maps of ``scopes`` from ``cache`` (METHODS.md §1–3).
 
@@ -128,14 +137,22 @@ def mixing_maps(
         attention_mask: ``[batch, pos]``, 1 for real tokens, 0 for padding (default: no padding).
         tokens: the token ids, kept in the result for labels.
         value_norms: also return ``‖f^h(x_j)‖`` per layer, head and source token.
+        quadrature_points: whole-layer scopes: None uses the exact closed form for element-wise
+            activations and 16 Gauss–Legendre points for gated MLPs; an integer uses quadrature
+            with that many points everywhere (needed for activations without a closed form).
+        chunk_size: whole-layer scopes: queries per chunk (default: fit 256 MiB of working
+            memory); a chunk that cannot fit in free memory is refused with one that would.
     """
     adapter = adapt(model)
     wanted = resolve_scopes(scopes)
     layer_list = adapter.check_layers(layers)
     roles = _roles(wanted, adapter.spec.block.kind, value_norms)
     names = [s.name for s in wanted]
+    whole = [name for name in names if name in WHOLE_LAYER_SCOPES]
+    options = FFOptions(quadrature_points=quadrature_points, chunk_size=chunk_size)
     outputs: dict[str, Tensor] = {}
     ratios: dict[str, Tensor] = {}
+    completeness: dict[str, Tensor] = {}
     patterns: list[Tensor] = []
     norms: list[Tensor] = []
     mask: Tensor | None = None
@@ -144,6 +161,15 @@ def mixing_maps(
         if mask is None:
             mask = _mask(attention_mask, tensors.batch, tensors.pos, tensors.device)
         result = layer_maps(tensors, mask, names, value_norms)
+        if whole:
+            extra = whole_layer_maps(tensors, result.pattern, mask, whole, options)
+            mask_padding(extra.maps, extra.ratios, mask)
+            result.maps |= extra.maps
+            result.ratios |= extra.ratios
+            for scope, residual in extra.completeness.items():
+                residual = residual.masked_fill(~mask, float("nan"))
+                completeness.setdefault(scope, residual.new_empty(len(layer_list), *residual.shape))
+                completeness[scope][index] = residual
         for scope, layer_map in result.maps.items():
             if scope not in outputs:  # preallocated: one copy of each map, no stacking
                 outputs[scope] = layer_map.new_empty(len(layer_list), *layer_map.shape)
@@ -166,6 +192,7 @@ def mixing_maps(
         value_norms=stacked_norms if value_norms else None,
         tokens=tokens,
         str_tokens=adapter.str_tokens(tokens) if tokens is not None else None,
+        completeness={name: completeness[name] for name in whole},
     )
 
 

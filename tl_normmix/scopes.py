@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from tl_normmix.blocks import BlockKind
 
 __all__ = [
+    "FF_SCOPES",
     "NORM_CHAINS",
     "NORM_SCOPES",
     "SCOPES",
+    "WHOLE_LAYER_SCOPES",
     "Scope",
     "UnsupportedScopeError",
     "resolve_scopes",
@@ -31,6 +33,8 @@ class Scope:
     method: str  # where METHODS.md defines it
     description: str
 
+
+_WHOLE = frozenset({"pattern", "v", "attn_out", "resid_pre", "mlp_out", "resid_post"})
 
 SCOPES: dict[str, Scope] = {
     s.name: s
@@ -54,6 +58,16 @@ SCOPES: dict[str, Scope] = {
             "§2",
             "‖g_i(Σ_h α f + δ x)‖ with the norm that reads attn + x",
         ),
+        Scope(
+            "attnreslnff_n",
+            _WHOLE,
+            False,
+            "§3",
+            "‖IG_ij‖: the feed-forward output split by integrated gradients (FF-only map)",
+        ),
+        Scope("attnreslnffres_n", _WHOLE, False, "§3", "‖IG_ij + residual parts‖ (+RES2)"),
+        Scope("attnreslnffresln_n", _WHOLE, False, "§3", "post-LN: ‖g_i(IG_ij + parts)‖ (+LN2)"),
+        Scope("layer_n", _WHOLE, False, "§3", "the whole block output, split by source"),
     )
 }
 
@@ -71,8 +85,40 @@ NORM_CHAINS: dict[tuple[str, BlockKind], tuple[tuple[str, ...], tuple[str, ...]]
 }
 
 
+#: Whole-layer scopes through the feed-forward block, in execution order (METHODS §3), and the
+#: scope of the whole block output.
+FF_SCOPES = ("attnreslnff_n", "attnreslnffres_n", "attnreslnffresln_n")
+WHOLE_LAYER_SCOPES = (*FF_SCOPES, "layer_n")
+
+
+def _whole_layer_roles(scope: Scope, kind: BlockKind) -> frozenset[str]:
+    if kind is BlockKind.PARALLEL:
+        if scope.name != "layer_n":
+            raise UnsupportedScopeError(
+                f"Scope {scope.name!r} is not defined for parallel blocks: the feed-forward block "
+                "reads LN2 of the layer input, not the attention output, so within the layer its "
+                "whole output belongs to the receiving token. Use 'layer_n' (the block output)."
+            )
+        return scope.roles | {"ln2.scale"}
+    if scope.name == "attnreslnffresln_n" and kind is not BlockKind.POST_LN:
+        raise UnsupportedScopeError(
+            f"Scope 'attnreslnffresln_n' exists only in post-LN blocks (BERT); in {kind.value} "
+            "blocks no norm follows the second residual inside the block, whose output is "
+            "'attnreslnffres_n' (also called 'layer_n')."
+        )
+    pre, post = NORM_CHAINS[("attnresln_n", kind)]
+    extra = {f"{norm}.scale" for norm in (*pre, *post)}
+    if kind is BlockKind.POST_LN:
+        extra |= {"ln2.scale", "ln2.in"}
+    if kind is BlockKind.SANDWICH:
+        extra |= {"ln2_post.scale"}
+    return scope.roles | extra
+
+
 def scope_roles(scope: Scope, kind: BlockKind) -> frozenset[str]:
     """The cache roles ``scope`` reads in blocks of ``kind``."""
+    if scope.name in WHOLE_LAYER_SCOPES:
+        return _whole_layer_roles(scope, kind)
     if scope.name not in {name for name, _ in NORM_CHAINS}:
         return scope.roles
     if (scope.name, kind) not in NORM_CHAINS:
