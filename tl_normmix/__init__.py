@@ -7,16 +7,20 @@
 """
 
 from tl_normmix.adapter import MissingHookError, UnsupportedModelError, adapt
+from tl_normmix.analysis import AmplifiedPair, contextualization_change, ff_amplified_pairs
 from tl_normmix.loading import load_model
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
 from tl_normmix.scopes import SCOPES
 
 __all__ = [
     "SCOPES",
+    "AmplifiedPair",
     "MissingHookError",
     "MixingMaps",
     "UnsupportedModelError",
     "adapt",
+    "contextualization_change",
+    "ff_amplified_pairs",
     "hook_filter",
     "load_model",
     "mixing_maps",

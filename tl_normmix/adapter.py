@@ -76,6 +76,7 @@ class ModelSpec:
     n_layers: int
     block: BlockSpec
     convention: str  # "raw" or "processed"
+    causal: bool = True  # queries attend only to earlier keys (False: BERT)
 
 
 @dataclass
@@ -275,6 +276,9 @@ class ModelAdapter:
             n_layers=int(cfg.n_layers),
             block=block,
             convention="processed" if _processed(model) else "raw",
+            causal=self.family != "encoder"
+            and architecture != "BertForMaskedLM"
+            and str(getattr(cfg, "attention_dir", "causal")) == "causal",
         )
 
     # -- description -----------------------------------------------------------------------------

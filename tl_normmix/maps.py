@@ -47,6 +47,7 @@ class MixingMaps:
         completeness: whole-layer scope -> ``[layer, batch, pos]`` relative residual
             ``‖Σ_j F_i(x_j) + bias terms − cached output‖ / ‖cached output‖`` (METHODS §3), like
             captum's convergence delta; NaN at padding.
+        causal: whether queries attend only to earlier keys (the model's attention direction).
     """
 
     layers: tuple[int, ...]
@@ -62,6 +63,7 @@ class MixingMaps:
     completeness: dict[str, Float[Tensor, "layer batch pos"]] = field(
         default_factory=dict, repr=False
     )
+    causal: bool = True
 
     def __getitem__(self, scope: str) -> Float[Tensor, "layer batch query_pos key_pos"]:
         if scope not in self.maps:
@@ -193,6 +195,7 @@ def mixing_maps(
         tokens=tokens,
         str_tokens=adapter.str_tokens(tokens) if tokens is not None else None,
         completeness={name: completeness[name] for name in whole},
+        causal=adapter.spec.causal,
     )
 
 

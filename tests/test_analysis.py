@@ -1,0 +1,110 @@
+"""Contextualization change and FF amplification (METHODS §3) on hand-built and tiny-model maps.
+
+Invariants:
+  * ``spearman`` equals the Pearson correlation of tie-averaged ranks; with scipy installed it
+    equals ``scipy.stats.spearmanr`` on random data with ties;
+  * contextualization change is 0 for a map against any increasing transform of itself and 2
+    against its reversal, over valid cells only (future cells of causal models are ignored);
+  * the planted pair whose share grows most through the FF comes first, with its token strings;
+  * on every tiny model the analyses of real whole-layer maps are finite and in range.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from tiny_models import run_with_cache, tokens
+
+import tl_normmix as nm
+from tl_normmix.analysis import spearman, valid_cells
+from tl_normmix.maps import HeadMaps, MixingMaps
+from tl_normmix.scopes import UnsupportedScopeError
+
+
+def _maps(maps: dict[str, torch.Tensor], mask: torch.Tensor, causal: bool, str_tokens=None):
+    return MixingMaps(
+        layers=tuple(range(next(iter(maps.values())).shape[0])),
+        maps=maps,
+        heads=HeadMaps((), [], None),
+        ratios={},
+        mask=mask,
+        convention="raw",
+        model_name="hand-built",
+        str_tokens=str_tokens,
+        causal=causal,
+    )
+
+
+def test_spearman_is_pearson_of_average_ranks():
+    a = torch.tensor([3.0, 1.0, 1.0, 2.0, 5.0])
+    b = torch.tensor([0.5, 0.1, 0.3, 0.2, 0.9])
+    ranks_a = torch.tensor([4.0, 1.5, 1.5, 3.0, 5.0])  # ties share the mean rank
+    ranks_b = torch.tensor([4.0, 1.0, 3.0, 2.0, 5.0])
+    expected = torch.corrcoef(torch.stack([ranks_a, ranks_b]).double())[0, 1].item()
+    assert spearman(a, b) == pytest.approx(expected, abs=1e-12)
+    scipy_stats = pytest.importorskip("scipy.stats")  # installed in the TL 4.x job
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (50,), generator=gen).double()
+    y = x + torch.randn(50, generator=gen, dtype=torch.float64)
+    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_change_over_valid_cells(causal):
+    gen = torch.Generator().manual_seed(1)
+    base = torch.rand(2, 1, 5, 5, generator=gen)
+    mask = torch.tensor([[True] * 5])
+    maps = {"a": base, "b": base.exp() * 3.0, "c": -base}
+    if causal:  # scramble the future cells: they must not matter
+        maps["b"] = maps["b"] + torch.ones(5, 5).triu(1) * torch.rand(5, 5, generator=gen) * 100
+    result = _maps(maps, mask, causal)
+    cells = valid_cells(result)
+    assert int(cells.sum()) == (15 if causal else 25)
+    assert torch.allclose(nm.contextualization_change(result, "a", "b"), torch.zeros(2, 1).double())
+    change = nm.contextualization_change(result, "a", "c")  # a perfect reversal on valid cells
+    assert torch.allclose(change, torch.full((2, 1), 2.0).double())
+
+
+def test_planted_pair_is_the_most_amplified():
+    n = 4
+    before = torch.full((1, 1, n, n), 1.0)
+    after = before.clone()
+    after[0, 0, 3, 1] = 5.0  # token 3 reads much more from token 1 after the FF
+    after[0, 0, 2, 0] = 2.0
+    mask = torch.tensor([[True] * n])
+    words = [["<s>", "un", "believ", "able"]]
+    result = _maps({"attnresln_n": before, "attnreslnff_n": after}, mask, True, words)
+    pairs = nm.ff_amplified_pairs(result, k=2)[0]
+    assert (pairs[0].query, pairs[0].key) == (3, 1)
+    assert (pairs[0].query_token, pairs[0].key_token) == ("able", "un")
+    assert pairs[0].share_before == pytest.approx(0.25)
+    assert pairs[0].share_after == pytest.approx(5.0 / 8.0)
+    assert (pairs[1].query, pairs[1].key) == (2, 0)
+    assert pairs[0].gain > pairs[1].gain > 0
+
+
+def test_analyses_on_real_whole_layer_maps(model):
+    kind = nm.adapt(model).spec.block.kind.value
+    if kind == "parallel":
+        with pytest.raises(UnsupportedScopeError):
+            nm.hook_filter(model, "attnreslnff_n")
+        return
+    scopes = ("attnresln_n", "attnreslnff_n", "attnreslnffres_n")
+    toks = tokens()
+    _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, scopes))
+    maps = nm.mixing_maps(model, cache, scopes, tokens=toks)
+    for before, after in itertools.pairwise(scopes):
+        change = nm.contextualization_change(maps, before, after)
+        assert change.shape == (len(maps.layers), toks.shape[0])
+        assert ((change >= 0) & (change <= 2)).all()
+    pairs = nm.ff_amplified_pairs(maps, k=3)
+    assert set(pairs) == set(maps.layers)
+    for layer_pairs in pairs.values():
+        assert len(layer_pairs) == 3
+        assert all(p.query != p.key for p in layer_pairs)
+        if maps.causal:
+            assert all(p.key < p.query for p in layer_pairs)
+        gains = [p.gain for p in layer_pairs]
+        assert gains == sorted(gains, reverse=True)

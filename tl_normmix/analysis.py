@@ -1,0 +1,149 @@
+"""Analyses of whole-layer maps (Kobayashi et al. 2024; METHODS.md §3), from a ``MixingMaps``.
+
+* **Contextualization change** between two scopes of the same layer: ``1 − ρ`` with ``ρ`` the
+  Spearman rank correlation of the two maps over the *valid cells* of one sentence — pairs of
+  real tokens, and for causal models only ``j ≤ i`` (the future cells are zero in every map and
+  would inflate ``ρ``).
+* **FF amplification**: each map is normalised per receiver to shares ``m_ij / Σ_j m_ij`` over
+  valid cells; the pairs ``(i ← j)``, ``j ≠ i``, whose share grows most from the FF input map
+  (``attnresln_n``) to the FF output map (``attnreslnff_n``) are the pairs the FF amplifies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from tl_normmix.maps import MixingMaps
+
+__all__ = [
+    "AmplifiedPair",
+    "contextualization_change",
+    "ff_amplified_pairs",
+    "spearman",
+    "valid_cells",
+]
+
+#: The consecutive whole-layer steps whose contextualization change the paper reports.
+FF_STEPS = {
+    "FF": ("attnresln_n", "attnreslnff_n"),
+    "RES2": ("attnreslnff_n", "attnreslnffres_n"),
+    "LN2": ("attnreslnffres_n", "attnreslnffresln_n"),
+}
+
+
+def valid_cells(maps: MixingMaps) -> Bool[Tensor, "batch query_pos key_pos"]:
+    """Pairs of real tokens; for causal models only ``j ≤ i``."""
+    pair = maps.mask[:, :, None] & maps.mask[:, None, :]
+    if maps.causal:
+        n = maps.mask.shape[-1]
+        pair = pair & torch.ones(n, n, dtype=torch.bool, device=pair.device).tril()
+    return pair
+
+
+def _ranks(x: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """Ranks with ties averaged (as scipy.stats.rankdata)."""
+    values, order = x.sort()
+    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    average = ends - (counts.double() - 1.0) / 2.0  # 1-based mean rank of each tie group
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = average[inverse]
+    return ranks
+
+
+def spearman(a: Float[Tensor, " n"], b: Float[Tensor, " n"]) -> float:
+    """Spearman's ``ρ`` of two vectors (NaN if either is constant or ``n < 2``)."""
+    if a.numel() < 2:
+        return float("nan")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / denominator) if denominator > 0 else float("nan")
+
+
+def contextualization_change(
+    maps: MixingMaps, before: str, after: str
+) -> Float[Tensor, "layer batch"]:
+    """``1 − Spearman ρ`` between the maps of ``before`` and ``after`` over each sentence's valid
+    cells, per computed layer and batch row."""
+    first, second = maps[before], maps[after]
+    cells = valid_cells(maps)
+    out = torch.empty(first.shape[:2], dtype=torch.float64)
+    for layer in range(first.shape[0]):
+        for b in range(first.shape[1]):
+            keep = cells[b]
+            out[layer, b] = 1.0 - spearman(first[layer, b][keep], second[layer, b][keep])
+    return out
+
+
+@dataclass(frozen=True)
+class AmplifiedPair:
+    """Receiver ``query`` reading source ``key``: its share before and after the FF."""
+
+    layer: int
+    batch: int
+    query: int
+    key: int
+    query_token: str
+    key_token: str
+    share_before: float
+    share_after: float
+
+    @property
+    def gain(self) -> float:
+        return self.share_after - self.share_before
+
+
+def _shares(layer_map: Tensor, cells: Tensor) -> Tensor:
+    masked = layer_map * cells
+    return masked / masked.sum(-1, keepdim=True).clamp_min(torch.finfo(masked.dtype).tiny)
+
+
+def ff_amplified_pairs(
+    maps: MixingMaps,
+    k: int = 20,
+    *,
+    before: str = "attnresln_n",
+    after: str = "attnreslnff_n",
+) -> dict[int, list[AmplifiedPair]]:
+    """Per computed layer, the ``k`` pairs ``(i ← j)``, ``j ≠ i``, whose share grows most from
+    ``before`` to ``after`` (default: through the feed-forward block), over every batch row."""
+    cells = valid_cells(maps)
+    n = cells.shape[-1]
+    off_diagonal = cells & ~torch.eye(n, dtype=torch.bool, device=cells.device)
+    out: dict[int, list[AmplifiedPair]] = {}
+    for index, layer in enumerate(maps.layers):
+        share_before = _shares(maps[before][index], cells)
+        share_after = _shares(maps[after][index], cells)
+        gain = (share_after - share_before).masked_fill(~off_diagonal, float("-inf"))
+        count = min(k, int(off_diagonal.sum()))
+        top = gain.flatten().topk(count).indices
+        pairs = []
+        for flat in top.tolist():
+            b, i, j = flat // (n * n), (flat // n) % n, flat % n
+            pairs.append(
+                AmplifiedPair(
+                    layer=layer,
+                    batch=b,
+                    query=i,
+                    key=j,
+                    query_token=_token(maps, b, i),
+                    key_token=_token(maps, b, j),
+                    share_before=float(share_before[b, i, j]),
+                    share_after=float(share_after[b, i, j]),
+                )
+            )
+        out[layer] = pairs
+    return out
+
+
+def _token(maps: MixingMaps, b: int, position: int) -> str:
+    if maps.str_tokens is not None:
+        return maps.str_tokens[b][position]
+    if maps.tokens is not None:
+        return str(int(maps.tokens[b, position]))
+    return str(position)
