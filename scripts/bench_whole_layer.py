@@ -11,11 +11,11 @@ layer** (``layers=[0]``; every layer costs the same) for each N:
   ``N²·H·d_ff``, the second ``N²·d_ff·d``, the residual parts ``N²·H·d``; ×2 for multiply-adds)
   divided by the maps time, as a fraction of this machine's plain ``torch.matmul`` throughput on
   the second matmul's shapes (``[N·chunk, d_ff] @ [d_ff, d]``, same chunk), measured here;
-* **riemann**: a straightforward Riemann-sum IG at 20 steps (midpoint rule): per step, every
-  pair's FF-input part ``u_ij`` (materialised, ``[N, N, d]``) goes through
-  ``((u_ij W_in) ⊙ act'(u_i(t) W_in + b_in)) W_out``, summed over steps; skipped ("n/a") where its
-  per-pair hidden tensor ``N²·d_ff`` would exceed ``--riemann-limit-gib`` or its estimated time
-  exceeds ``--riemann-max-seconds``.
+* **riemann**: a straightforward Riemann-sum IG at 20 steps (midpoint rule): the FF-input parts
+  ``u_ij`` are materialised (``[N, N, d]``) and, at every step, every pair goes through
+  ``((u_ij W_in) ⊙ act'(u_i(t) W_in + b_in)) W_out`` and is accumulated; skipped ("n/a") where
+  its per-pair hidden tensor ``N²·d_ff`` would exceed ``--riemann-limit-gib`` or its estimated
+  time (20 × the maps time) exceeds ``--riemann-max-seconds``.
 
 Peak memory: each task runs in a fresh process; the extra resident memory of the call (see
 ``bench_attention_block.py``: ``clear_refs`` + ``ru_maxrss``). Time: median of ``--repeats``.
@@ -66,11 +66,12 @@ def riemann_layer(model: Any, cache: Any, steps: int = STEPS) -> Any:
     total = parts.sum(2)
     act = activation(mlp.act_fn)
     pre = parts @ mlp.W_in  # [b, i, j, d_ff]
-    grad = torch.zeros_like(total @ mlp.W_in)
-    for s in range(steps):
+    out = torch.zeros_like(parts)
+    for s in range(steps):  # per step: the gradient at u_i(t), applied to every pair's part
         point = bias + (s + 0.5) / steps * total
-        grad += derivative(act, point @ mlp.W_in + mlp.b_in) / steps
-    return ((pre * grad[:, :, None, :]) @ mlp.W_out).norm(dim=-1)
+        grad = derivative(act, point @ mlp.W_in + mlp.b_in)  # [b, i, d_ff]
+        out += (pre * grad[:, :, None, :]) @ mlp.W_out
+    return (out / steps).norm(dim=-1)
 
 
 def matmul_gflops(rows: int, repeats: int = 5) -> float:
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--riemann-limit-gib", type=float, default=8.0)
-    parser.add_argument("--riemann-max-seconds", type=float, default=120.0)
+    parser.add_argument("--riemann-max-seconds", type=float, default=300.0)
     args = parser.parse_args()
 
     import transformers

@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--conllu", type=Path, default=EWT_DEV)
     parser.add_argument("--pair-layers", type=int, nargs="*", default=None)
     parser.add_argument("--pairs", type=int, default=10, help="pairs per listed layer")
+    parser.add_argument(
+        "--exclude-first", action="store_true", help="leave the first token out as a source"
+    )
     args = parser.parse_args()
     model = nm.load_model(args.model)
     spec = nm.adapt(model).spec
@@ -77,7 +80,8 @@ def main() -> None:
             ratio_sum[s] += maps.mixing_ratio(s)[:, 0].double().nansum(-1)
         for s, residual in maps.completeness.items():
             worst[s] = torch.maximum(worst[s], residual.nan_to_num(0.0).amax((1, 2)))
-        for layer, pairs in nm.ff_amplified_pairs(maps, k=args.pairs).items():
+        exclude = (0,) if args.exclude_first else ()
+        for layer, pairs in nm.ff_amplified_pairs(maps, k=args.pairs, exclude_keys=exclude).items():
             if layer not in heaps:
                 continue
             for p in pairs:
@@ -109,7 +113,8 @@ def main() -> None:
         ratios = [f"{float(ratio_sum[s][layer]) / tokens_seen:.3f}" for s in scopes]
         residuals = [f"{float(worst[s][layer]):.1e}" for s in worst]
         print(f"| {layer} | " + " | ".join(ratios + residuals) + " |")
-    print("\nPairs whose share the FF amplifies most (i ← j), over the corpus\n")
+    where = " (first token excluded as a source)" if args.exclude_first else ""
+    print(f"\nPairs whose share the FF amplifies most (i ← j), over the corpus{where}\n")
     print("| layer | sentence | receiver i | source j | share before FF | after FF |")
     print("|---|---|---|---|---|---|")
     for layer, heap in heaps.items():

@@ -83,6 +83,9 @@ def test_planted_pair_is_the_most_amplified():
     assert pairs[0].share_after == pytest.approx(5.0 / 8.0)
     assert (pairs[1].query, pairs[1].key) == (2, 0)
     assert pairs[0].gain > pairs[1].gain > 0
+    without = nm.ff_amplified_pairs(result, k=2, exclude_keys=(1,))[0]
+    assert (without[0].query, without[0].key) == (2, 0)
+    assert all(p.key != 1 for p in without)
 
 
 def test_analyses_on_real_whole_layer_maps(model):

@@ -109,12 +109,17 @@ def ff_amplified_pairs(
     *,
     before: str = "attnresln_n",
     after: str = "attnreslnff_n",
+    exclude_keys: tuple[int, ...] = (),
 ) -> dict[int, list[AmplifiedPair]]:
     """Per computed layer, the ``k`` pairs ``(i ← j)``, ``j ≠ i``, whose share grows most from
-    ``before`` to ``after`` (default: through the feed-forward block), over every batch row."""
+    ``before`` to ``after`` (default: through the feed-forward block), over every batch row.
+    ``exclude_keys``: source positions left out of the ranking (e.g. ``(0,)``, a sink token);
+    shares are still computed over all valid cells."""
     cells = valid_cells(maps)
     n = cells.shape[-1]
     off_diagonal = cells & ~torch.eye(n, dtype=torch.bool, device=cells.device)
+    if exclude_keys:
+        off_diagonal[..., list(exclude_keys)] = False
     out: dict[int, list[AmplifiedPair]] = {}
     for index, layer in enumerate(maps.layers):
         share_before = _shares(maps[before][index], cells)
