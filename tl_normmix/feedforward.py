@@ -144,14 +144,23 @@ def ig_hidden(
     pre_in: Float[Tensor, "... d_mlp"],
     pre_gate: Float[Tensor, "... d_mlp"] | None,
     k: IGCoefficients,
+    *,
+    inplace: bool = False,
 ) -> Float[Tensor, "... d_mlp"]:
     """The hidden-layer attribution ``P^in ⊙ k_in (+ P^gate ⊙ k_gate)``; times ``W_out`` it is
-    ``IG_ij``. ``k``'s tensors broadcast against the parts (receivers on the right axis)."""
-    out = pre_in * k.k_in
+    ``IG_ij``. ``k``'s tensors broadcast against the parts (receivers on the right axis).
+    ``inplace`` overwrites ``pre_in`` (and ``pre_gate``) instead of allocating."""
+    if not inplace:
+        out = pre_in * k.k_in
+        if k.k_gate is not None:
+            assert pre_gate is not None
+            out = out + pre_gate * k.k_gate
+        return out
+    pre_in.mul_(k.k_in)
     if k.k_gate is not None:
         assert pre_gate is not None
-        out = out + pre_gate * k.k_gate
-    return out
+        pre_in.add_(pre_gate.mul_(k.k_gate))
+    return pre_in
 
 
 def flops_per_pair(d_model: int, d_mlp: int, heads: int, gated: bool) -> int:

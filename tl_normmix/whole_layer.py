@@ -164,7 +164,7 @@ def whole_layer_maps(
         hidden[:, rows, cols] = first_diag[:, start:stop]
         k = coefficients.rows(start, stop)
         hidden = feedforward.ig_hidden(
-            hidden[..., :d_mlp], hidden[..., d_mlp:] if mlp.gated else None, k
+            hidden[..., :d_mlp], hidden[..., d_mlp:] if mlp.gated else None, k, inplace=True
         )
         vectors = None
         if need_ff or not out_norm.norms:
