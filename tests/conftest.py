@@ -55,8 +55,9 @@ def assert_rel_close(
     assert err <= rtol * max(scale, 1e-12), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
-def read_layers(model, toks: torch.Tensor, layers=None):
-    """The adapter's view of every role of ``layers`` (default: all), from one full cache."""
+def read_layers(model, toks: torch.Tensor, layers=None, mask: torch.Tensor | None = None):
+    """The adapter's view of every role of ``layers`` (default: all), from one full cache (run
+    with the padding ``mask``, if given)."""
     from tiny_models import run_with_cache
 
     import tl_normmix as nm
@@ -65,6 +66,6 @@ def read_layers(model, toks: torch.Tensor, layers=None):
     roles = [
         r for r in adapter.layout.hooks if r != "mlp_pre_linear" or adapter.spec.block.gated_mlp
     ]
-    _, cache = run_with_cache(model, toks)
+    _, cache = run_with_cache(model, toks, mask)
     chosen = range(adapter.spec.n_layers) if layers is None else layers
     return adapter, [adapter.read(cache, layer, roles) for layer in chosen]

@@ -131,9 +131,7 @@ def test_fast_equals_reference(model, padded):
     maps = nm.mixing_maps(model, cache, scopes, attention_mask=mask, chunk_size=3)
     real = mask.bool()
     pair = real[:, :, None] & real[:, None, :]
-    _, layers = (
-        read_layers(model, toks) if not padded else (None, _padded_layers(model, toks, mask))
-    )
+    _, layers = read_layers(model, toks, mask=mask.long() if padded else None)
     for index, t in enumerate(layers):
         stages = _reference_stages(t, real)
         for scope in scopes:
@@ -151,15 +149,6 @@ def test_fast_equals_reference(model, padded):
             assert residual[~real].isnan().all()
             limit = 1e-6 if t.mlp.gated else 1e-5  # gated: 16 Gauss–Legendre points (default)
             assert residual[real].max() < limit, (scope, residual.max())
-
-
-def _padded_layers(model, toks, mask):
-    adapter = nm.adapt(model)
-    roles = [
-        r for r in adapter.layout.hooks if r != "mlp_pre_linear" or adapter.spec.block.gated_mlp
-    ]
-    _, cache = run_with_cache(model, toks, mask.long())
-    return [adapter.read(cache, layer, roles) for layer in range(adapter.spec.n_layers)]
 
 
 def test_chunk_size_does_not_change_the_maps(model):
