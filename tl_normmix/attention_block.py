@@ -17,7 +17,7 @@ from tl_normmix import attention, residual
 from tl_normmix.adapter import LayerTensors
 from tl_normmix.scopes import NORM_CHAINS, NORM_SCOPES
 
-__all__ = ["LayerMaps", "layer_maps", "mask_padding"]
+__all__ = ["LayerMaps", "layer_maps", "mask_padding", "norm_chain"]
 
 
 @dataclass
@@ -72,11 +72,12 @@ def _request(t: LayerTensors, scope: str) -> residual.Request:
     if scope == "attn_n":
         return residual.Request()
     pre, post = NORM_CHAINS[(scope, t.spec.kind)]
+    return residual.Request(t["resid_pre"], norm_chain(t, pre), norm_chain(t, post))
 
-    def chain(names: tuple[str, ...]) -> residual.NormChain:
-        return residual.NormChain([(t.norms[n], t[f"{n}.scale"]) for n in names])
 
-    return residual.Request(t["resid_pre"], chain(pre), chain(post))
+def norm_chain(t: LayerTensors, names: tuple[str, ...]) -> residual.NormChain:
+    """The layer's norms ``names``, in order, with their cached scales."""
+    return residual.NormChain([(t.norms[n], t[f"{n}.scale"]) for n in names])
 
 
 def mask_padding(maps: dict[str, Tensor], ratios: dict[str, Tensor], mask: Tensor) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_QUADRATURE_POINTS",
     "IGCoefficients",
     "derivative",
+    "flops_per_pair",
     "gauss_legendre",
     "ig_coefficients",
     "ig_hidden",

@@ -23,7 +23,14 @@ from torch import Tensor
 from tl_normmix import attention
 from tl_normmix.adapter import LayerTensors, MissingHookError, ModelAdapter, adapt
 from tl_normmix.attention_block import layer_maps, mask_padding
-from tl_normmix.scopes import VALUE_NORM_ROLES, WHOLE_LAYER_SCOPES, resolve_scopes, scope_roles
+from tl_normmix.blocks import BlockKind
+from tl_normmix.scopes import (
+    VALUE_NORM_ROLES,
+    WHOLE_LAYER_SCOPES,
+    Scope,
+    resolve_scopes,
+    scope_roles,
+)
 from tl_normmix.whole_layer import FFOptions, whole_layer_maps
 
 __all__ = ["MixingMaps", "hook_filter", "mixing_maps"]
@@ -257,7 +264,7 @@ class HeadMaps(Mapping[str, Tensor]):
         return len(self._scopes)
 
 
-def _roles(scopes: Iterable[Any], kind: Any, value_norms: bool) -> frozenset[str]:
+def _roles(scopes: Iterable[Scope], kind: BlockKind, value_norms: bool) -> frozenset[str]:
     roles = frozenset().union(*(scope_roles(s, kind) for s in scopes))
     return roles | VALUE_NORM_ROLES if value_norms else roles
 

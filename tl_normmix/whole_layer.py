@@ -31,6 +31,7 @@ from torch import Tensor
 from tl_normmix import attention, feedforward, residual
 from tl_normmix.activations import ACTIVATIONS, NON_ELEMENTWISE
 from tl_normmix.adapter import LayerTensors
+from tl_normmix.attention_block import norm_chain
 from tl_normmix.blocks import BlockKind, NormSpec
 from tl_normmix.residual import NormChain, Request
 from tl_normmix.scopes import FF_SCOPES, NORM_CHAINS
@@ -132,10 +133,10 @@ def whole_layer_maps(
     coefficients = feedforward.ig_coefficients(
         mlp, act, ff_in.total, ff_in.bias, quadrature_points=points
     )
-    out_norm = _chain(t, ("ln2_post",)) if kind is BlockKind.SANDWICH else NormChain()
+    out_norm = norm_chain(t, ("ln2_post",)) if kind is BlockKind.SANDWICH else NormChain()
     W_written = out_norm(mlp.W_out, per_receiver=False)  # T'' applied to each row of W_out
     out_kappa = out_norm.kappa(x)
-    final = _chain(t, ("ln2",)) if kind is BlockKind.POST_LN else None
+    final = norm_chain(t, ("ln2",)) if kind is BlockKind.POST_LN else None
     final_kappa = final.kappa(x) if final is not None else None
 
     # Per source and head: T f^h_j W_in (and W_gate); the residual stage's T f^h_j.
@@ -200,7 +201,7 @@ def whole_layer_maps(
     result = WholeLayerMaps({}, {}, {})
     for name in names:
         stage = stage_of[name]
-        result.maps[name] = norms[stage] if name != "layer_n" else norms[stage].clone()
+        result.maps[name] = norms[stage]  # layer_n shares its stage's tensor (copied by maps.py)
         result.ratios[name] = _ratio(sums[stage], diags[stage])
         result.completeness[name] = _residual(sums[stage] + biases[stage], targets[stage])
     return result
@@ -234,10 +235,6 @@ def _residual(rebuilt: Tensor, target: Tensor) -> Tensor:
     return (rebuilt - target).norm(dim=-1) / scale
 
 
-def _chain(t: LayerTensors, names: tuple[str, ...]) -> NormChain:
-    return NormChain([(t.norms[n], t[f"{n}.scale"]) for n in names])
-
-
 def _transform(request: Request, f: Tensor) -> Tensor:
     transform = request.transform()
     return f if transform is None else transform(f)
@@ -254,7 +251,7 @@ def _stage(
 ) -> _Stage:
     """The ``scope`` decomposition (``attnres_n`` or ``attnresln_n``) in factored form."""
     pre_names, post_names = NORM_CHAINS[(scope, t.spec.kind)]
-    pre, post = _chain(t, pre_names), _chain(t, post_names)
+    pre, post = norm_chain(t, pre_names), norm_chain(t, post_names)
     diag = post(pre(own) + x)
     total = post(pre(context)) + diag
     bias = _through_bias(post, _through_bias(pre, b_O))
