@@ -57,11 +57,20 @@ class IGCoefficients:
     k_in: Float[Tensor, "... d_mlp"]  # c_i (element-wise) or K2_i (gated)
     k_gate: Float[Tensor, "... d_mlp"] | None  # K1_i (gated) or None
 
-    def rows(self, start: int, stop: int) -> IGCoefficients:
+    def rows(self, start: int, stop: int, *, pairs: bool = True) -> IGCoefficients:
         """Receivers ``start:stop`` of ``[batch, pos, d_mlp]`` coefficients, shaped to broadcast
-        against pair tensors ``[batch, key, chunk, d_mlp]``."""
-        gate = self.k_gate[:, None, start:stop] if self.k_gate is not None else None
-        return IGCoefficients(k_in=self.k_in[:, None, start:stop], k_gate=gate)
+        against pair tensors ``[batch, key, chunk, d_mlp]`` (``pairs=False``: against
+        ``[batch, chunk, d_mlp]``)."""
+        index = (
+            (slice(None), None, slice(start, stop)) if pairs else (slice(None), slice(start, stop))
+        )
+        gate = self.k_gate[index] if self.k_gate is not None else None
+        return IGCoefficients(k_in=self.k_in[index], k_gate=gate)
+
+    def scaled(self, factor: Tensor) -> IGCoefficients:
+        """The coefficients times ``factor`` (a per-receiver scale folded into one multiply)."""
+        gate = self.k_gate * factor if self.k_gate is not None else None
+        return IGCoefficients(k_in=self.k_in * factor, k_gate=gate)
 
 
 def derivative(act: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -142,7 +142,10 @@ def whole_layer_maps(
     # Per source and head: T f^h_j W_in (and W_gate); the residual stage's T f^h_j.
     g_in = _transform(ff_in.chain, f)
     weights = [mlp.W_in] + ([mlp.W_gate] if mlp.W_gate is not None else [])
-    first = torch.cat([g_in @ w for w in weights], dim=-1)  # [batch, key, head, (2·)d_mlp]
+    # One 2-D matmul: ``g_in`` may be a strided view, on which ``@`` would broadcast W_in into a
+    # batched matmul that runs several times slower.
+    flat = g_in.reshape(-1, d)
+    first = torch.cat([flat @ w for w in weights], dim=-1).view(*g_in.shape[:-1], -1)
     first_diag = torch.cat([ff_in.diag @ w for w in weights], dim=-1)  # j = i, explicit
     g_res = g_in if res is ff_in else _transform(res.chain, f)
     del f, g_in
@@ -160,12 +163,21 @@ def whole_layer_maps(
         rows = torch.arange(start, stop, device=pattern.device)  # receivers i of the chunk
         cols = rows - start  # their index within the chunk
         by_key = pattern[:, :, start:stop].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
-        hidden = torch.matmul(by_key, first)  # u_ij W_in (, u_ij W_gate): [batch, key, chunk, ·]
-        hidden *= ff_in.kappa[:, None, start:stop, None]
-        hidden[:, rows, cols] = first_diag[:, start:stop]
+        # u_ij W_in (, u_ij W_gate) up to the receiver's scale K_i: [batch, key, chunk, ·]
+        hidden = torch.matmul(by_key, first)
         k = coefficients.rows(start, stop)
+        # Off the diagonal K_i and the IG coefficients act together: one multiply.
         hidden = feedforward.ig_hidden(
-            hidden[..., :d_mlp], hidden[..., d_mlp:] if mlp.gated else None, k, inplace=True
+            hidden[..., :d_mlp],
+            hidden[..., d_mlp:] if mlp.gated else None,
+            k.scaled(ff_in.kappa[:, None, start:stop, None]),
+            inplace=True,
+        )
+        diag_in = first_diag[:, start:stop]
+        hidden[:, rows, cols] = feedforward.ig_hidden(
+            diag_in[..., :d_mlp],
+            diag_in[..., d_mlp:] if mlp.gated else None,
+            coefficients.rows(start, stop, pairs=False),
         )
         vectors = None
         if need_ff or not out_norm.norms:
