@@ -6,7 +6,7 @@ The reference materialises every per-pair vector in float64: the feed-forward in
   * completeness against the cache: the reference's parts plus bias terms rebuild the FF output,
     the stream after RES2 and (post-LN) the LN2 output at 1e-5 relative, on every family and mode;
     the fast path's own completeness residuals are below 1e-5 (closed form) / 1e-6 (gated, default
-    16 points) and shrink with more quadrature points;
+    the default points) and shrink with more quadrature points;
   * the fast maps and mixing ratios equal the reference's, with padding and any chunk size;
   * bad input: scopes a block cannot support, activations without a closed form (and the
     quadrature fallback when asked), non-element-wise activations, chunks that do not fit memory.
@@ -147,7 +147,7 @@ def test_fast_equals_reference(model, padded):
             assert ratio[~real].isnan().all()
             residual = maps.completeness[scope][index]
             assert residual[~real].isnan().all()
-            limit = 1e-6 if t.mlp.gated else 1e-5  # gated: 16 Gauss–Legendre points (default)
+            limit = 1e-6 if t.mlp.gated else 1e-5  # gated: default Gauss–Legendre points
             assert residual[real].max() < limit, (scope, residual.max())
 
 

@@ -147,7 +147,7 @@ def mixing_maps(
         tokens: the token ids, kept in the result for labels.
         value_norms: also return ``‖f^h(x_j)‖`` per layer, head and source token.
         quadrature_points: whole-layer scopes: None uses the exact closed form for element-wise
-            activations and 16 Gauss–Legendre points for gated MLPs; an integer uses quadrature
+            activations and 32 Gauss–Legendre points for gated MLPs; an integer uses quadrature
             with that many points everywhere (needed for activations without a closed form).
         chunk_size: whole-layer scopes: queries per chunk (default: fit 256 MiB of working
             memory); a chunk that cannot fit in free memory is refused with one that would.
