@@ -1,5 +1,6 @@
-# Two entry points (README): `make demo` runs the main job on a packaged real model, offline;
-# `make test` runs lint, type check and the whole test suite on TransformerLens 4.x and 2.x.
+# Two entry points (README): `make demo` writes the HTML report of a text on a packaged real
+# model, offline; `make test` runs lint, type check and the whole test suite (tutorials and the
+# headless-Chromium test included) on TransformerLens 4.x and 2.x.
 # Both build what they need first. torch is installed before anything that depends on it.
 PYTHON ?= python3.11
 TORCH ?= torch==2.13.0
@@ -7,10 +8,12 @@ VENV := .venv
 VENV2 := .venv-tl2
 TEXT ?= The keys to the cabinet are on the table, and the cat sat on the mat.
 MODEL ?= all-MiniLM-L6-v2
+OUT ?= report.html
+CHROMIUM ?= /usr/bin/chromium
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: demo test lint typecheck test-tl4 test-tl2 setup
+.PHONY: demo summary test lint typecheck test-tl4 test-tl2 setup browser
 
 setup: $(VENV)/.installed $(VENV2)/.installed
 
@@ -32,7 +35,16 @@ $(VENV2)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
+	$(VENV)/bin/tl-normmix report --model "$(MODEL)" --text "$(TEXT)" --out "$(OUT)"
+
+summary: $(VENV)/.installed
 	$(VENV)/bin/tl-normmix summary --model "$(MODEL)" --text "$(TEXT)"
+
+# The browser test drives the system Chromium (Debian package `chromium`; no browser download).
+browser:
+	@test -x $(CHROMIUM) || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check tl_normmix tests scripts
@@ -41,10 +53,10 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
-test-tl4: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+test-tl4: $(VENV)/.installed browser
+	TL_NORMMIX_CHROMIUM=$(CHROMIUM) $(VENV)/bin/python -m pytest -q
 
 test-tl2: $(VENV2)/.installed
-	$(VENV2)/bin/python -m pytest -q -m "not real"
+	$(VENV2)/bin/python -m pytest -q -m "not real and not browser"
 
 test: lint typecheck test-tl4 test-tl2

@@ -4,8 +4,10 @@
 >>> model = nm.load_model("all-MiniLM-L6-v2")
 >>> _, cache = model.run_with_cache(tokens, names_filter=nm.hook_filter(model, "attn_w"))
 >>> maps = nm.mixing_maps(model, cache, scopes="attn_w")
+>>> nm.views.heads(maps, "attn_w", layer=0)        # CircuitsVis, offline; nm.plots: matplotlib
 """
 
+from tl_normmix import plots, views
 from tl_normmix.adapter import MissingHookError, UnsupportedModelError, adapt
 from tl_normmix.analysis import AmplifiedPair, contextualization_change, ff_amplified_pairs
 from tl_normmix.loading import load_model
@@ -24,4 +26,6 @@ __all__ = [
     "hook_filter",
     "load_model",
     "mixing_maps",
+    "plots",
+    "views",
 ]

@@ -44,7 +44,7 @@ __all__ = [
 
 #: Gauss–Legendre points for gated blocks. METHODS §3 quotes ~1e-11 at 16 points; on SmolLM2-135M
 #: (layer 2, large gate pre-activations) 16 points leave 1.5e-5 on the FF output and 24 reach the
-#: float32 floor (5e-6), so the default keeps a margin. The points cost ``N·d_ff`` each, not per pair.
+#: float32 floor (5e-6), so the default keeps a margin. Each point costs ``N·d_ff``, not per pair.
 DEFAULT_QUADRATURE_POINTS = 32
 
 #: Below this ``|a|`` the difference quotient loses precision; its limit is used instead.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tl_normmix import attention
 from tl_normmix.adapter import LayerTensors, MissingHookError, ModelAdapter, adapt
@@ -133,6 +134,7 @@ def mixing_maps(
     value_norms: bool = False,
     quadrature_points: int | None = None,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> MixingMaps:
     """Compute the context-mixing maps of ``scopes`` from ``cache`` (METHODS.md §1–3).
 
@@ -151,6 +153,7 @@ def mixing_maps(
             with that many points everywhere (needed for activations without a closed form).
         chunk_size: whole-layer scopes: queries per chunk (default: fit 256 MiB of working
             memory); a chunk that cannot fit in free memory is refused with one that would.
+        progress: show a progress bar over the layers (tqdm; stderr or the notebook).
     """
     adapter = adapt(model)
     wanted = resolve_scopes(scopes)
@@ -165,7 +168,8 @@ def mixing_maps(
     patterns: list[Tensor] = []
     norms: list[Tensor] = []
     mask: Tensor | None = None
-    for index, layer in enumerate(layer_list):
+    bar = tqdm(layer_list, desc="mixing maps", unit="layer", disable=not progress)
+    for index, layer in enumerate(bar):
         tensors = _read(adapter, cache, layer, roles, names, value_norms)
         if mask is None:
             mask = _mask(attention_mask, tensors.batch, tensors.pos, tensors.device)

@@ -1,0 +1,97 @@
+"""Matplotlib plots of a ``MixingMaps`` where a plot reads better than a table (a consumer).
+
+Each function draws on ``ax`` if given, else on a new ``matplotlib.figure.Figure`` (no pyplot
+state; a figure shows itself in a notebook), and returns the figure. ``figure_block`` turns a
+figure into a page block (an embedded PNG, no external file).
+
+* ``mixing_ratios``: the mean context-mixing ratio per layer, one line per scope (METHODS §2);
+* ``sink_shares``: the share the sink token receives by attention weight (``attn_w``) and by
+  norm (``attn_n``) per layer (Kobayashi et al. 2020);
+* ``contextualization_changes``: ``1 − Spearman ρ`` between consecutive scopes per layer
+  (METHODS §3; Kobayashi et al. 2024).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tl_normmix.analysis import contextualization_change
+from tl_normmix.maps import MixingMaps
+from tl_normmix.page import Block
+from tl_normmix.summary import mixing_ratio_stats, sink_share
+
+__all__ = ["contextualization_changes", "figure_block", "mixing_ratios", "sink_shares"]
+
+
+def mixing_ratios(maps: MixingMaps, scopes: Sequence[str] | None = None, *, ax: Any = None) -> Any:
+    """Mean mixing ratio over real tokens per layer, for each scope (default: all computed)."""
+    fig, ax = _axes(ax)
+    for scope in scopes if scopes is not None else maps.scopes:
+        ax.plot(maps.layers, mixing_ratio_stats(maps, scope)[:, 0].tolist(), "o-", label=scope)
+    _finish(ax, "mixing ratio (mean over tokens)", "context-mixing ratio per layer")
+    ax.set_ylim(bottom=0)
+    return fig
+
+
+def sink_shares(maps: MixingMaps, *, sink: int = 0, ax: Any = None) -> Any:
+    """Share of token ``sink`` (a position; default the first token) by weight and by norm."""
+    fig, ax = _axes(ax)
+    label = str(sink)
+    if maps.str_tokens is not None:
+        label = f"{maps.str_tokens[0][sink]!r}@{sink}"
+    for scope, name in (("attn_w", "by weight (attn_w)"), ("attn_n", "by norm (attn_n)")):
+        ax.plot(maps.layers, sink_share(maps, scope, sink).tolist(), "o-", label=name)
+    _finish(ax, f"share received by {label}", f"sink share of {label}: weight vs norm")
+    ax.set_ylim(0, 1)
+    return fig
+
+
+def contextualization_changes(
+    maps: MixingMaps, steps: Sequence[tuple[str, str]] | None = None, *, ax: Any = None
+) -> Any:
+    """``1 − ρ`` per layer (mean over batch rows) for each ``(before, after)`` step (default:
+    consecutive computed scopes)."""
+    fig, ax = _axes(ax)
+    if steps is None:
+        steps = list(zip(maps.scopes, maps.scopes[1:], strict=False))
+    for before, after in steps:
+        change = contextualization_change(maps, before, after)  # [layer, batch]
+        ax.plot(
+            maps.layers, torch.nanmean(change, dim=1).tolist(), "o-", label=f"{before} → {after}"
+        )
+    _finish(ax, "1 − Spearman ρ", "contextualization change per layer")
+    ax.set_ylim(bottom=0)
+    return fig
+
+
+def figure_block(fig: Any, *, title: str = "", caption: str = "", dpi: int = 110) -> Block:
+    """The figure as an embedded PNG (``data:`` URI) page block."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    alt = html.escape(title or "plot", quote=True)
+    image = f'<img class="tlnm-plot" alt="{alt}" src="data:image/png;base64,{data}">'
+    return Block(image, title=title, caption=caption, classes=("tlnm-plot-block",))
+
+
+def _axes(ax: Any) -> tuple[Any, Any]:
+    if ax is not None:
+        return ax.figure, ax
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 3.6), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _finish(ax: Any, ylabel: str, title: str) -> None:
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")

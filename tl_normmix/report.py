@@ -1,0 +1,244 @@
+"""The self-contained HTML report of one text on one model (``tl-normmix report``).
+
+It runs the model once with only the hooks it needs, computes the maps of the chosen scopes and
+layers (with a progress bar), and writes one HTML file: a header (model, TransformerLens version,
+weight convention, completeness residuals), the plots (embedded PNG), and per layer the scopes
+side by side, the per-head maps by weight and by norm, the value norms, and where the last token
+reads from / the first token writes to. Everything works offline (``tl_normmix.page``).
+
+The output file appears only when the report is complete (written to a temporary file in the same
+folder, then renamed); on any error nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.metadata
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_normmix import plots, views
+from tl_normmix.adapter import adapt
+from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
+from tl_normmix.page import Block, Item, page
+
+__all__ = ["build_report", "check_output_path", "default_scopes", "tokenize", "write_atomic"]
+
+#: Views of ``n × n`` matrices grow as ``n²`` per layer (per head: ``H·n²``); above these lengths
+#: the report leaves them out (and says so) so that it stays a file one can open and send.
+MATRIX_MAX_TOKENS = 256
+HEADS_MAX_TOKENS = 128
+
+_CONVENTIONS = {
+    "raw": "raw (unprocessed) weights — the papers' convention: b_V inside f, b_O and the layer "
+    "norm's β attributed to no token",
+    "processed": "processed weights (folded layer norms, centred writing weights, value biases "
+    "folded into b_O): maps differ from the papers' convention",
+}
+
+
+def default_scopes(model: Any) -> tuple[str, ...]:
+    """Weights, norms, + residual, + layer norm (where the block has one) and the whole layer."""
+    kind = adapt(model).spec.block.kind.value
+    if kind == "parallel":  # no norm reads attention + residual
+        return ("attn_w", "attn_n", "attnres_n", "layer_n")
+    return ("attn_w", "attn_n", "attnres_n", "attnresln_n", "layer_n")
+
+
+def check_output_path(out: str | os.PathLike[str]) -> Path:
+    """Refuse, before any work, an output path that cannot be written."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"--out {str(out)!r} is a folder; give a file name like report.html."
+        )
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Cannot write {str(out)!r}: the folder {str(folder)!r} does not exist."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"Cannot write {str(out)!r}: the folder {str(folder)!r} is read-only."
+        )
+    return path
+
+
+def tokenize(model: Any, text: str, *, truncate: bool = False) -> torch.Tensor:
+    """``model.to_tokens(text)``, refusing an empty text or one longer than the context."""
+    if not text.strip():
+        raise ValueError("The text is empty; give some words with --text or --text-file.")
+    tokens = _to_tokens(model, text, truncate=False)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and tokens.shape[-1] > n_ctx:
+        if not truncate:
+            raise ValueError(
+                f"The text is {tokens.shape[-1]} tokens but {model.cfg.model_name} reads at most "
+                f"{n_ctx}; shorten it, or pass --truncate to keep the first {n_ctx} tokens."
+            )
+        tokens = _to_tokens(model, text, truncate=True)  # the tokenizer keeps special tokens
+    return tokens
+
+
+def _to_tokens(model: Any, text: str, *, truncate: bool) -> torch.Tensor:
+    tokens = model.to_tokens(text, truncate=truncate)
+    return tokens[0] if isinstance(tokens, tuple) else tokens  # HookedEncoder: (ids, types, mask)
+
+
+def build_report(
+    model: Any,
+    tokens: torch.Tensor,
+    *,
+    scopes: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    progress: bool = False,
+    new_id: Callable[[], str] | None = None,
+    title: str | None = None,
+) -> str:
+    """The report's HTML for ``tokens`` (``[1, pos]``) on ``model``."""
+    start = time.perf_counter()
+    scopes = tuple(scopes) if scopes is not None else default_scopes(model)
+    names = hook_filter(model, scopes, value_norms=True)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    maps = mixing_maps(
+        model,
+        cache,
+        scopes,
+        layers=list(layers) if layers is not None else None,
+        tokens=tokens,
+        value_norms=True,
+        progress=progress,
+    )
+    del cache
+    items = _plots(maps) + [item for layer in maps.layers for item in _layer(maps, layer)]
+    seconds = time.perf_counter() - start
+    name = maps.model_name
+    return page(
+        items,
+        title=title or f"tl_normmix report — {name}",
+        header=_header(model, maps, seconds),
+        new_id=new_id,
+    )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that the file appears complete or not at all."""
+    folder = path.parent if str(path.parent) else Path(".")
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _plots(maps: MixingMaps) -> list[Item]:
+    items: list[Item] = [
+        plots.figure_block(
+            plots.mixing_ratios(maps),
+            title="Mixing ratio per layer",
+            caption="share of each token's update that comes from the other tokens (METHODS §2)",
+        )
+    ]
+    if {"attn_w", "attn_n"} <= set(maps.scopes):
+        items.append(
+            plots.figure_block(
+                plots.sink_shares(maps),
+                title="Sink share: weight vs norm",
+                caption="attention weight the first token receives, and its share once the "
+                "vectors it writes are measured (Kobayashi et al. 2020)",
+            )
+        )
+    if len(maps.scopes) > 1:
+        items.append(
+            plots.figure_block(
+                plots.contextualization_changes(maps),
+                title="Contextualization change between consecutive scopes",
+                caption="1 − Spearman ρ between the maps over the valid cells (METHODS §3)",
+            )
+        )
+    return items
+
+
+def _layer(maps: MixingMaps, layer: int) -> list[Item]:
+    items: list[Item] = [Block(f'<h2 id="layer-{layer}">Layer {layer}</h2>')]
+    n = int(maps.mask[0].sum())
+    if n <= MATRIX_MAX_TOKENS:
+        items.append(views.compare(maps, layer))
+    if n <= HEADS_MAX_TOKENS:
+        items.extend(views.heads(maps, scope, layer) for scope in maps.heads)
+    if n > HEADS_MAX_TOKENS:
+        left_out = "the per-head maps" + (" and the scope maps" if n > MATRIX_MAX_TOKENS else "")
+        items.append(
+            Block(
+                f'<p class="tlnm-left-out">{n} tokens: {left_out} are left out of this report '
+                f"(they grow as n² per layer; shown up to {HEADS_MAX_TOKENS} tokens per head, "
+                f"{MATRIX_MAX_TOKENS} per scope). Render them in a notebook with "
+                "nm.views.heads / nm.views.compare, or report a shorter text.</p>"
+            )
+        )
+    items.append(views.value_norms(maps, layer))
+    last = maps.scopes[-1]
+    items.append(views.reads_from(maps, last, layer, -1))
+    items.append(views.writes_to(maps, last, layer, _first_real(maps)))
+    return items
+
+
+def _first_real(maps: MixingMaps) -> int:
+    return int(maps.mask[0].nonzero()[0])
+
+
+def _header(model: Any, maps: MixingMaps, seconds: float) -> str:
+    spec = adapt(model).spec
+    n = int(maps.mask[0].sum())
+    rows = [
+        ("model", f"{spec.model_name} ({spec.architecture}, {spec.block.kind.value} blocks)"),
+        ("TransformerLens", spec.tl_version),
+        ("tl_normmix", importlib.metadata.version("tl_normmix")),
+        ("weight convention", _CONVENTIONS.get(maps.convention, maps.convention)),
+        ("tokens", str(n)),
+        ("layers", ", ".join(map(str, maps.layers))),
+        ("scopes", ", ".join(maps.scopes)),
+        ("computed in", f"{seconds:.1f} s"),
+    ]
+    table = "".join(
+        f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
+        for k, v in rows
+    )
+    tokens = " ".join(maps.str_tokens[0]) if maps.str_tokens else ""
+    return (
+        f'<table class="tlnm-header">{table}</table>'
+        f'<h3>Text</h3><div class="tlnm-text">{html.escape(tokens)}</div>'
+        f"{_completeness(maps)}"
+    )
+
+
+def _completeness(maps: MixingMaps) -> str:
+    """Worst relative residual ``‖Σ parts + bias − cached output‖ / ‖output‖`` per layer."""
+    if not maps.completeness:
+        return (
+            "<h3>Completeness</h3><p>No whole-layer scope computed: "
+            "no completeness residual to show.</p>"
+        )
+    head = "".join(f"<th>L{layer}</th>" for layer in maps.layers)
+    body = ""
+    for scope, residual in maps.completeness.items():
+        worst = residual.nan_to_num(0.0).flatten(1).amax(-1)
+        cells = "".join(f"<td>{float(x):.1e}</td>" for x in worst)
+        body += f"<tr><th>{html.escape(scope)}</th>{cells}</tr>"
+    return (
+        "<h3>Completeness residuals</h3>"
+        '<div class="tlnm-caption">worst token per layer of ‖Σ_j parts + bias terms − cached '
+        "output‖ / ‖cached output‖ (METHODS §3)</div>"
+        f'<table class="tlnm-completeness"><tr><th>scope</th>{head}</tr>{body}</table>'
+    )

@@ -1,0 +1,221 @@
+"""CircuitsVis views of a ``MixingMaps`` (a consumer: it reads only the maps).
+
+Each function returns a ``page.View`` (or a ``page.Row`` of views) that renders itself in a
+notebook and can be placed in a report page. Only the real tokens of the chosen batch row are
+shown; rows are receivers (queries), columns sources (keys), as everywhere in tl_normmix.
+
+Colour scales: ``attn_w`` and ``attnres_w`` are probabilities (0 to 1); every norm map is not,
+so its maximum is taken from the data shown (per view; per-head views share one maximum so heads
+compare), unless ``max_value`` is given.
+
+>>> nm.views.heads(maps, "attn_n", layer=3)          # doctest: +SKIP
+>>> nm.views.compare(maps, layer=3)                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tl_normmix.maps import MixingMaps
+from tl_normmix.page import Row, View
+
+__all__ = ["PROBABILITY_SCOPES", "compare", "heads", "reads_from", "value_norms", "writes_to"]
+
+#: Scopes whose rows are probability distributions: coloured on a fixed 0–1 scale.
+PROBABILITY_SCOPES = frozenset({"attn_w", "attnres_w"})
+
+_DIGITS = 4  # significant digits kept in the page (hover values)
+
+
+def heads(
+    maps: MixingMaps, scope: str, layer: int, *, batch: int = 0, max_value: float | None = None
+) -> View:
+    """``AttentionHeads`` for ``scope`` at ``layer``: one pattern per head where the scope has
+    per-head maps (``attn_w``, ``attn_n``), else the single layer map."""
+    index = maps.layer_index(layer)
+    real = _real(maps, batch)
+    if scope in maps.heads:
+        data = maps.heads[scope][index, batch][:, real][:, :, real]
+        names = [f"L{layer}H{h}" for h in range(data.shape[0])]
+        what = "per head"
+    else:
+        data = maps[scope][index, batch][real][:, real][None]
+        names = [f"L{layer} {scope}"]
+        what = "layer map"
+    top = _scale(scope, data, max_value)
+    return View(
+        "AttentionHeads",
+        {
+            "attention": _numbers(data),
+            "tokens": _labels(maps, batch, real),
+            "attentionHeadNames": names,
+            "maxValue": top,
+            "minValue": 0.0,
+            "maskUpperTri": maps.causal,
+        },
+        title=f"{scope} — layer {layer} ({what})",
+        caption=_scale_caption(scope, top),
+    )
+
+
+def compare(
+    maps: MixingMaps,
+    layer: int,
+    scopes: tuple[str, ...] | list[str] | None = None,
+    *,
+    batch: int = 0,
+    head: int | None = None,
+) -> Row:
+    """The maps of several scopes for one layer side by side (default: every scope computed,
+    in execution order), each with its own colour scale; ``head`` shows one head of scopes
+    that have per-head maps."""
+    scopes = tuple(scopes) if scopes is not None else maps.scopes
+    index = maps.layer_index(layer)
+    real = _real(maps, batch)
+    if head is not None:
+        missing = [s for s in scopes if s not in maps.heads]
+        if missing:
+            raise ValueError(
+                f"Scopes {missing} have no per-head maps (per-head: {list(maps.heads)}); "
+                "leave head=None to compare layer maps."
+            )
+    views = []
+    for scope in scopes:
+        if head is None:
+            data = maps[scope][index, batch][real][:, real]
+        else:
+            data = maps.heads[scope][index, batch, head][real][:, real]
+        top = _scale(scope, data, None)
+        views.append(
+            View(
+                "AttentionPattern",
+                {
+                    "attention": _numbers(data),
+                    "tokens": _labels(maps, batch, real),
+                    "maxValue": top,
+                    "minValue": 0.0,
+                    "maskUpperTri": maps.causal,
+                    "showAxisLabels": True,
+                },
+                title=scope,
+                caption=_scale_caption(scope, top),
+            )
+        )
+    which = f", head {head}" if head is not None else ""
+    return Row(tuple(views), title=f"Layer {layer}{which}: {' | '.join(scopes)}")
+
+
+def reads_from(maps: MixingMaps, scope: str, layer: int, token: int, *, batch: int = 0) -> View:
+    """``ColoredTokens``: how much each source ``j`` contributes to token ``token`` (row i)."""
+    real = _real(maps, batch)
+    i = _position(maps, batch, token)
+    row = maps[scope][maps.layer_index(layer), batch, i][real]
+    label = _labels(maps, batch, real)[int((real < i).sum())]
+    return _colored(maps, batch, real, row, scope, f"{label!r}@{i} reads from — {scope}, L{layer}")
+
+
+def writes_to(maps: MixingMaps, scope: str, layer: int, token: int, *, batch: int = 0) -> View:
+    """``ColoredTokens``: how much token ``token`` (column j) contributes to each receiver."""
+    real = _real(maps, batch)
+    j = _position(maps, batch, token)
+    column = maps[scope][maps.layer_index(layer), batch][:, j][real]
+    label = _labels(maps, batch, real)[int((real < j).sum())]
+    return _colored(
+        maps, batch, real, column, scope, f"{label!r}@{j} writes to — {scope}, L{layer}"
+    )
+
+
+def value_norms(maps: MixingMaps, layer: int, *, batch: int = 0) -> View:
+    """``ColoredTokensMulti``: the value norms ``‖f^h(x_j)‖`` per source token — mean over heads
+    and each head (the sink view: a heavily attended token that writes little)."""
+    if maps.value_norms is None:
+        raise ValueError("No value norms: call mixing_maps(..., value_norms=True).")
+    real = _real(maps, batch)
+    norms = maps.value_norms[maps.layer_index(layer), batch][:, real]  # [head, key]
+    values = torch.cat([norms.mean(0, keepdim=True), norms]).T  # [key, 1 + head]
+    return View(
+        "ColoredTokensMulti",
+        {
+            "tokens": _labels(maps, batch, real),
+            "values": _numbers(values),
+            "labels": ["mean over heads"] + [f"head {h}" for h in range(norms.shape[0])],
+        },
+        title=f"value norms ‖f^h(x_j)‖ — layer {layer}",
+        caption="hover a token for every head; pick a head to colour by it",
+    )
+
+
+def _colored(
+    maps: MixingMaps, batch: int, real: Tensor, values: Tensor, scope: str, title: str
+) -> View:
+    top = _scale(scope, values, None)
+    return View(
+        "ColoredTokens",
+        {
+            "tokens": _labels(maps, batch, real),
+            "values": _numbers(values),
+            "maxValue": top,
+            "minValue": 0.0,
+        },
+        title=title,
+        caption=_scale_caption(scope, top),
+    )
+
+
+def _real(maps: MixingMaps, batch: int) -> Tensor:
+    if not 0 <= batch < maps.mask.shape[0]:
+        raise IndexError(f"batch {batch} out of range: the maps hold {maps.mask.shape[0]} rows.")
+    return maps.mask[batch].nonzero().flatten().cpu()
+
+
+def _position(maps: MixingMaps, batch: int, token: int) -> int:
+    """A position in the sequence; negative: counted from the last real token."""
+    real = _real(maps, batch)
+    if token < 0:
+        if -token > len(real):
+            raise IndexError(f"token {token}: batch row {batch} has {len(real)} real tokens.")
+        return int(real[token])
+    if token not in real.tolist():
+        raise IndexError(
+            f"Position {token} is not a real token of batch row {batch} "
+            f"(real positions: {real[0]}..{real[-1]}, padding excluded)."
+        )
+    return token
+
+
+def _labels(maps: MixingMaps, batch: int, real: Tensor) -> list[str]:
+    if maps.str_tokens is None:
+        return [str(int(j)) for j in real]
+    return [maps.str_tokens[batch][int(j)] for j in real]
+
+
+def _scale(scope: str, data: Tensor, max_value: float | None) -> float:
+    if max_value is not None:
+        return float(max_value)
+    if scope in PROBABILITY_SCOPES:
+        return 1.0
+    top = float(data.max()) if data.numel() else 0.0
+    return top if top > 0 else 1.0
+
+
+def _scale_caption(scope: str, top: float) -> str:
+    if scope in PROBABILITY_SCOPES:
+        return "weights: colour scale 0–1"
+    return f"norms: colour scale 0–{top:.4g} (maximum of the data shown)"
+
+
+def _numbers(data: Tensor) -> list:
+    """Nested lists of floats with ``_DIGITS`` significant digits (the page stays small)."""
+    values = data.detach().float().cpu()
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("The map holds NaN or infinite values; nothing to render.")
+    flat = [float(f"{x:.{_DIGITS}g}") for x in values.flatten().tolist()]
+    return _nest(flat, list(values.shape))
+
+
+def _nest(flat: list[float], shape: list[int]) -> list:
+    if len(shape) <= 1:
+        return flat
+    step = len(flat) // shape[0] if shape[0] else 0
+    return [_nest(flat[k * step : (k + 1) * step], shape[1:]) for k in range(shape[0])]
