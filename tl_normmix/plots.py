@@ -1,7 +1,8 @@
 """Matplotlib plots of a ``MixingMaps`` where a plot reads better than a table (a consumer).
 
 Each function draws on ``ax`` if given, else on a new ``matplotlib.figure.Figure`` (no pyplot
-state; a figure shows itself in a notebook), and returns the figure. ``figure_block`` turns a
+state; in a notebook with ``%matplotlib inline`` or pyplot imported, a returned figure shows
+itself), and returns the figure. ``figure_block`` turns a
 figure into a page block (an embedded PNG, no external file).
 
 * ``mixing_ratios``: the mean context-mixing ratio per layer, one line per scope (METHODS §2);
