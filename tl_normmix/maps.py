@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from tl_normmix import attention
 from tl_normmix.adapter import LayerTensors, MissingHookError, ModelAdapter, adapt
