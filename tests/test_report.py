@@ -72,7 +72,7 @@ def test_output_path_is_checked_first(tmp_path):
     ("args", "message"),
     [
         (["--model", "all-MiniLM-L6-v2", "--text", "  "], "text is empty"),
-        (["--model", "./no/such/folder", "--text", "x"], "No such file or folder"),
+        (["--model", "./no/such/folder", "--text", "x"], "expected a packaged model"),
         (["--model", "all-MiniLM-L6-v2", "--text", "x", "--layers", "a"], "expected integers"),
     ],
 )
