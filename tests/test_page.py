@@ -11,7 +11,7 @@ import pytest
 from handmade_maps import handmade
 
 from tl_normmix import page, plots, views
-from tl_normmix.page import Block, Row, View
+from tl_normmix.page import Block, Row
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 #: script or style sources that would reach the network
@@ -103,8 +103,3 @@ def test_snapshot(name):
         path.write_text(html, encoding="utf-8")
     assert path.exists(), f"{path} missing: run with TL_NORMMIX_UPDATE_SNAPSHOTS=1"
     assert html == path.read_text(encoding="utf-8")
-
-
-def test_view_is_a_plain_value():
-    view = View("ColoredTokens", {"tokens": ["a"], "values": [1.0]}, title="x")
-    assert view == View("ColoredTokens", {"tokens": ["a"], "values": [1.0]}, title="x")
