@@ -70,9 +70,9 @@ def _text(args: argparse.Namespace) -> str:
             text = handle.read()
     else:
         text = args.text
-    if not text.strip():
-        raise ValueError("The text is empty; give some words with --text or --text-file.")
-    return text
+    from tl_normmix.report import check_text
+
+    return check_text(text)
 
 
 def _layers(args: argparse.Namespace) -> list[int] | None:

@@ -28,7 +28,14 @@ from tl_normmix.adapter import adapt
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
 from tl_normmix.page import Block, Item, page
 
-__all__ = ["build_report", "check_output_path", "default_scopes", "tokenize", "write_atomic"]
+__all__ = [
+    "build_report",
+    "check_output_path",
+    "check_text",
+    "default_scopes",
+    "tokenize",
+    "write_atomic",
+]
 
 #: Views of ``n × n`` matrices grow as ``n²`` per layer (per head: ``H·n²``); above these lengths
 #: the report leaves them out (and says so) so that it stays a file one can open and send.
@@ -70,10 +77,16 @@ def check_output_path(out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def tokenize(model: Any, text: str, *, truncate: bool = False) -> torch.Tensor:
-    """``model.to_tokens(text)``, refusing an empty text or one longer than the context."""
+def check_text(text: str) -> str:
+    """Refuse an empty (or blank) text before any work."""
     if not text.strip():
         raise ValueError("The text is empty; give some words with --text or --text-file.")
+    return text
+
+
+def tokenize(model: Any, text: str, *, truncate: bool = False) -> torch.Tensor:
+    """``model.to_tokens(text)``, refusing an empty text or one longer than the context."""
+    check_text(text)
     tokens = _to_tokens(model, text, truncate=False)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx is not None and tokens.shape[-1] > n_ctx:
