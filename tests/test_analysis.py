@@ -20,6 +20,7 @@ from tiny_models import run_with_cache, tokens
 import tl_normmix as nm
 from tl_normmix.analysis import spearman, valid_cells
 from tl_normmix.maps import HeadMaps, MixingMaps
+from tl_normmix.decompose.blocks import Stage
 from tl_normmix.scopes import UnsupportedScopeError
 
 
@@ -89,12 +90,14 @@ def test_planted_pair_is_the_most_amplified():
 
 
 def test_analyses_on_real_whole_layer_maps(model):
-    kind = nm.adapt(model).spec.block.kind.value
-    if kind == "parallel":
+    layout = nm.adapt(model).layout
+    if layout.parallel or not layout.has_mlp:
         with pytest.raises(UnsupportedScopeError):
             nm.hook_filter(model, "attnreslnff_n")
         return
-    scopes = ("attnresln_n", "attnreslnff_n", "attnreslnffres_n")
+    # the FF input map: attnresln_n, or attnres_n where no norm reads attention + residual
+    first = "attnres_n" if layout.unsupported(Stage.ATTN_RES_LN) else "attnresln_n"
+    scopes = (first, "attnreslnff_n", "attnreslnffres_n")
     toks = tokens()
     _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, scopes))
     maps = nm.mixing_maps(model, cache, scopes, tokens=toks)
@@ -102,7 +105,7 @@ def test_analyses_on_real_whole_layer_maps(model):
         change = nm.contextualization_change(maps, before, after)
         assert change.shape == (len(maps.layers), toks.shape[0])
         assert ((change >= 0) & (change <= 2)).all()
-    pairs = nm.ff_amplified_pairs(maps, k=3)
+    pairs = nm.ff_amplified_pairs(maps, k=3, before=first)
     assert set(pairs) == set(maps.layers)
     for layer_pairs in pairs.values():
         assert len(layer_pairs) == 3

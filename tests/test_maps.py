@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_rel_close
-from tiny_models import Case, build, run_with_cache, tokens
+from tiny_models import (
+    Case,
+    build,
+    convention_of,
+    drops_causal_mask,
+    run_with_cache,
+    runs,
+    tokens,
+)
 
 import tl_normmix as nm
 
@@ -37,8 +45,13 @@ def test_attn_w_is_head_mean_of_cached_pattern(model):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float()
         assert_rel_close(maps["attn_w"][layer], pattern.mean(1), what=f"layer {layer}")
         assert torch.equal(maps.heads["attn_w"][layer], pattern)
+    # Rows are never renormalised: they sum to 1 except with attention sinks (GPT-OSS: < 1).
     rows = maps["attn_w"].sum(-1)
-    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+    cached = torch.stack(
+        [cache[f"blocks.{layer}.attn.hook_pattern"].float().sum(-1).mean(1) for layer in range(n_layers)]
+    )
+    assert torch.allclose(rows, cached, atol=1e-5)
+    assert (rows <= 1 + 1e-5).all()
 
 
 def test_value_norms_equal_direct_norms(model):
@@ -66,6 +79,10 @@ def test_padded_equals_unpadded(model):
     long, short = tokens(1, 7, seed=1), tokens(1, 4, seed=2)
     padded = torch.cat([long, torch.cat([short, torch.full((1, 3), 3)], 1)])  # right padding
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    if drops_causal_mask(model):  # TransformerLens 4.3 + OpenAI-GPT: refused, not wrong
+        with pytest.raises(nm.VerificationError, match="future positions"):
+            _maps(model, padded, mask)
+        return
     maps = _maps(model, padded, mask)
     alone = _maps(model, short)
     assert_rel_close(maps["attn_w"][:, 1, :4, :4], alone["attn_w"][:, 0], rtol=1e-4)
@@ -100,20 +117,28 @@ def test_hook_filter_keeps_only_needed_hooks(model):
 
 def test_result_records_convention(case, model):
     maps = _maps(model, tokens())
-    assert maps.convention == ("processed" if case.mode == "processed" else "raw")
+    assert maps.convention == convention_of(case)
     assert maps.layers == tuple(range(model.cfg.n_layers))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_cache_computes_in_float32(case, hf_root, dtype):
     toks = tokens()
+    model = build(case, hf_root, dtype=dtype)
+    if not runs(model):  # OLMo's LayerNorm fails in bfloat16 inside TransformerLens
+        with pytest.raises(nm.UnsupportedModelError, match="TransformerLens cannot run"):
+            nm.adapt(model)
+        return
     reference = _maps(build(case, hf_root), toks)
-    half = _maps(build(case, hf_root, dtype=dtype), toks)
+    half = _maps(model, toks)
     assert half["attn_w"].dtype == torch.float32 and half.value_norms.dtype == torch.float32
+    # Layer 0 only: deeper layers of a half-precision model compute different inputs (a router
+    # may even pick other experts); exactness on the half-precision run itself is tested in
+    # decompose/test_residual.py.
     tol = 0.05 if dtype == torch.bfloat16 else 0.01
-    assert (half["attn_w"] - reference["attn_w"]).abs().max() < tol
-    rel = (half.value_norms - reference.value_norms).abs().max() / reference.value_norms.max()
-    assert rel < tol
+    assert (half["attn_w"][0] - reference["attn_w"][0]).abs().max() < tol
+    norms, ref_norms = half.value_norms[0], reference.value_norms[0]
+    assert (norms - ref_norms).abs().max() / ref_norms.max() < tol
 
 
 # -- bad input ----------------------------------------------------------------------------------

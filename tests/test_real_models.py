@@ -13,7 +13,9 @@ import pytest
 import test_adapter
 import test_residual
 import torch
-from conftest import ewt_sentences, read_layers
+from tiny_models import run_with_cache
+import reference
+from conftest import assert_rel_close, ewt_sentences, read_layers
 
 import tl_normmix as nm
 from tl_normmix.summary import mixing_ratio_stats, sink_share
@@ -38,19 +40,38 @@ def real(request):
     return request.getfixturevalue(request.param)
 
 
-def test_identities_hold_on_real_weights(real):
+EXPECTED = {"minilm": ("post_ln", "dense"), "smollm2": ("pre_ln", "gated")}
+
+
+@pytest.fixture(scope="module", params=["minilm", "smollm2"])
+def named(request):
+    return request.param, request.getfixturevalue(request.param)
+
+
+def test_identities_hold_on_real_weights(named):
+    name, real = named
+    layout, kind = EXPECTED[name]
+    adapter = nm.adapt(real)
+    assert (adapter.layout.name, adapter.spec.block.mlp_kind) == (layout, kind)
     layers = read_layers(real, real.to_tokens(SENTENCES[1]))
     test_adapter.test_attention_rebuilds_pure_attention_output(layers)
     test_adapter.test_norms_match_their_outputs_and_scales(layers)
-    test_adapter.test_mlp_activation_and_weights(layers)
-    test_adapter.test_residual_stream_adds_up(layers)
+    test_adapter.check_mlp(layers, kind)
+    test_adapter.check_residual_stream(layers, layout)
 
 
 @pytest.mark.parametrize("scope", test_residual.NORM_SCOPES)
 def test_completeness_on_real_weights(real, scope):
     """METHODS §2 identities on every layer of the real models (attnresln_n: LN1 in BERT, LN2
     in Llama)."""
-    test_residual.test_completeness_against_the_cache(real, scope)
+    toks = real.to_tokens(SENTENCES[1])
+    mask = torch.ones(toks.shape, dtype=torch.bool)
+    _, layers = read_layers(real, toks)
+    _, cache = run_with_cache(real, toks)
+    for t in layers:
+        parts, bias = reference.attention_block(t, test_residual.WHICH[scope], mask)
+        target = test_residual._target(t, scope, cache)
+        assert_rel_close(parts.sum(2) + bias, target, what=f"{scope} layer {t.layer}")
 
 
 def test_smollm2_is_the_real_model(smollm2):
@@ -139,7 +160,7 @@ WHOLE_LAYER = {
 
 
 def _whole_layer(model, texts):
-    scopes = WHOLE_LAYER[nm.adapt(model).spec.block.kind.value]
+    scopes = WHOLE_LAYER[nm.adapt(model).layout.name]
     names = nm.hook_filter(model, scopes)
     for text in texts:
         toks = model.to_tokens(text)

@@ -7,12 +7,17 @@
 >>> nm.views.heads(maps, "attn_w", layer=0)        # CircuitsVis, offline; nm.plots: matplotlib
 """
 
-from tl_normmix import plots, views
-from tl_normmix.adapter import MissingHookError, UnsupportedModelError, adapt
 from tl_normmix.analysis import AmplifiedPair, contextualization_change, ff_amplified_pairs
-from tl_normmix.loading import load_model
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
-from tl_normmix.scopes import SCOPES
+from tl_normmix.models import (
+    MissingHookError,
+    UnsupportedModelError,
+    VerificationError,
+    adapt,
+    load_model,
+)
+from tl_normmix.render import plots, views
+from tl_normmix.scopes import SCOPES, UnsupportedScopeError
 
 __all__ = [
     "SCOPES",
@@ -20,6 +25,8 @@ __all__ = [
     "MissingHookError",
     "MixingMaps",
     "UnsupportedModelError",
+    "UnsupportedScopeError",
+    "VerificationError",
     "adapt",
     "contextualization_change",
     "ff_amplified_pairs",

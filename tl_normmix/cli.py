@@ -70,7 +70,7 @@ def _text(args: argparse.Namespace) -> str:
             text = handle.read()
     else:
         text = args.text
-    from tl_normmix.report import check_text
+    from tl_normmix.render.report import check_text
 
     return check_text(text)
 
@@ -86,7 +86,7 @@ def _layers(args: argparse.Namespace) -> list[int] | None:
 
 def _report(args: argparse.Namespace) -> int:
     import tl_normmix as nm
-    from tl_normmix.report import build_report, check_output_path, tokenize, write_atomic
+    from tl_normmix.render.report import build_report, check_output_path, tokenize, write_atomic
 
     start = time.perf_counter()
     out = check_output_path(args.out)  # before any work
@@ -121,7 +121,7 @@ def _summary(args: argparse.Namespace) -> int:
     maps = nm.mixing_maps(model, cache, "attn_w", layers=layers, tokens=tokens, value_norms=True)
     spec = nm.adapt(model).spec
     print(
-        f"model: {spec.model_name} ({spec.architecture}, {spec.block.kind.value} blocks, "
+        f"model: {spec.model_name} ({spec.architecture}, {spec.block.layout.name} blocks, "
         f"TransformerLens {spec.tl_version}, {spec.convention} weights)"
     )
     print(f"tokens ({tokens.shape[-1]}): {' '.join(maps.str_tokens[0]) if maps.str_tokens else ''}")

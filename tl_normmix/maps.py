@@ -21,18 +21,21 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from tl_normmix import attention
-from tl_normmix.adapter import LayerTensors, MissingHookError, ModelAdapter, adapt
-from tl_normmix.attention_block import layer_maps, mask_padding
-from tl_normmix.blocks import BlockKind
+from tl_normmix.decompose import attention
+from tl_normmix.decompose.attention_block import ATTENTION_STAGES, layer_maps, mask_padding
+from tl_normmix.decompose.blocks import LayerTensors
+from tl_normmix.decompose.whole_layer import WHOLE_LAYER_STAGES, FFOptions, whole_layer_maps
+from tl_normmix.models.adapter import ModelAdapter, adapt
+from tl_normmix.models.checks import verify_layer
+from tl_normmix.models.errors import MissingHookError
 from tl_normmix.scopes import (
     VALUE_NORM_ROLES,
-    WHOLE_LAYER_SCOPES,
     Scope,
+    check_roles,
     resolve_scopes,
     scope_roles,
+    stage_of,
 )
-from tl_normmix.whole_layer import FFOptions, whole_layer_maps
 
 __all__ = ["MixingMaps", "hook_filter", "mixing_maps"]
 
@@ -56,6 +59,8 @@ class MixingMaps:
             ``‖Σ_j F_i(x_j) + bias terms − cached output‖ / ‖cached output‖`` (METHODS §3), like
             captum's convergence delta; NaN at padding.
         causal: whether queries attend only to earlier keys (the model's attention direction).
+        verification: layer -> ``{identity: relative error}`` of the self-check
+            (``models.checks``); empty when ``verify=False``.
     """
 
     layers: tuple[int, ...]
@@ -72,6 +77,7 @@ class MixingMaps:
         default_factory=dict, repr=False
     )
     causal: bool = True
+    verification: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, scope: str) -> Float[Tensor, "layer batch query_pos key_pos"]:
         if scope not in self.maps:
@@ -105,15 +111,23 @@ class MixingMaps:
 
 
 def hook_filter(
-    model: Any, scopes: str | Iterable[str] = ("attn_w",), *, value_norms: bool = False
+    model: Any,
+    scopes: str | Iterable[str] = ("attn_w",),
+    *,
+    value_norms: bool = False,
+    verify: bool = True,
 ) -> Callable[[str], bool]:
-    """A ``names_filter`` for ``run_with_cache`` that keeps only the hooks ``scopes`` need.
+    """A ``names_filter`` for ``run_with_cache`` that keeps only the hooks ``scopes`` need (and,
+    with ``verify``, the few more the self-check of ``mixing_maps`` reads).
 
     >>> _, cache = model.run_with_cache(tokens, names_filter=hook_filter(model, "attn_w"))
     ... # doctest: +SKIP
     """
     adapter = adapt(model)
-    roles = _roles(resolve_scopes(scopes), adapter.spec.block.kind, value_norms)
+    wanted = resolve_scopes(scopes)
+    roles = _roles(wanted, adapter, value_norms)
+    if verify:
+        roles |= {r for r in check_roles(wanted, adapter.layout) if adapter.has_role(r)}
     names = frozenset(adapter.hook_names(roles))
 
     def names_filter(name: str) -> bool:
@@ -135,6 +149,7 @@ def mixing_maps(
     quadrature_points: int | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    verify: bool = True,
 ) -> MixingMaps:
     """Compute the context-mixing maps of ``scopes`` from ``cache`` (METHODS.md §1–3).
 
@@ -145,38 +160,60 @@ def mixing_maps(
             ``run_with_cache(tokens, names_filter=hook_filter(model, scopes))``.
         scopes: scope names; see ``tl_normmix.SCOPES``.
         layers: a layer or layers to compute (default: all).
-        attention_mask: ``[batch, pos]``, 1 for real tokens, 0 for padding (default: no padding).
+        attention_mask: ``[batch, pos]``, 1 for real tokens, 0 for padding. Default: derived from
+            ``tokens`` the way TransformerLens builds it for a padded batch (its
+            ``get_attention_mask`` with the tokenizer's pad token and padding side), else none.
         tokens: the token ids, kept in the result for labels.
         value_norms: also return ``‖f^h(x_j)‖`` per layer, head and source token.
         quadrature_points: whole-layer scopes: None uses the exact closed form for element-wise
-            activations and 32 Gauss–Legendre points for gated MLPs; an integer uses quadrature
-            with that many points everywhere (needed for activations without a closed form).
+            activations and 32 Gauss–Legendre points for gated MLPs and the generic path; an
+            integer uses quadrature with that many points everywhere.
         chunk_size: whole-layer scopes: queries per chunk (default: fit 256 MiB of working
             memory); a chunk that cannot fit in free memory is refused with one that would.
         progress: show a progress bar over the layers (tqdm; stderr or the notebook).
+        verify: check, per layer, the identities the maps rest on (``models.checks``) and raise
+            ``VerificationError`` instead of returning maps where one fails.
     """
     adapter = adapt(model)
     wanted = resolve_scopes(scopes)
     layer_list = adapter.check_layers(layers)
-    roles = _roles(wanted, adapter.spec.block.kind, value_norms)
-    names = [s.name for s in wanted]
-    whole = [name for name in names if name in WHOLE_LAYER_SCOPES]
+    layout = adapter.layout
+    stages = {s.name: stage_of(s, layout) for s in wanted}
+    roles = _roles(wanted, adapter, value_norms)
+    optional = check_roles(wanted, layout) - roles if verify else frozenset()
+    attention_stages = {n: s for n, s in stages.items() if s in ATTENTION_STAGES}
+    whole = {n: s for n, s in stages.items() if s in WHOLE_LAYER_STAGES}
+    through_ff = bool(whole)
     options = FFOptions(quadrature_points=quadrature_points, chunk_size=chunk_size)
     outputs: dict[str, Tensor] = {}
     ratios: dict[str, Tensor] = {}
     completeness: dict[str, Tensor] = {}
+    checked: dict[int, dict[str, float]] = {}
     patterns: list[Tensor] = []
     norms: list[Tensor] = []
     mask: Tensor | None = None
     bar = tqdm(layer_list, desc="mixing maps", unit="layer", disable=not progress)
     for index, layer in enumerate(bar):
-        tensors = _read(adapter, cache, layer, roles, names, value_norms)
+        present = {r for r in optional if adapter.in_cache(cache, r, layer)}
+        tensors = _read(
+            adapter, cache, layer, roles | present, [s.name for s in wanted], value_norms
+        )
         if mask is None:
-            mask = _mask(attention_mask, tensors.batch, tensors.pos, tensors.device)
-        result = layer_maps(tensors, mask, names, value_norms)
+            mask = _mask(adapter, attention_mask, tokens, tensors)
+        if verify:
+            checked[layer] = verify_layer(
+                tensors,
+                mask,
+                through_ff=through_ff,
+                precision=tensors.precision,
+                model_name=adapter.spec.model_name,
+                causal=adapter.spec.causal,
+            )
+        result = layer_maps(tensors, mask, attention_stages, value_norms)
         if whole:
+            assert result.pattern is not None
             extra = whole_layer_maps(tensors, result.pattern, mask, whole, options)
-            mask_padding(extra.maps, extra.ratios, mask)
+            mask_padding(extra.maps, extra.ratios, mask)  # idempotent where stages share one
             result.maps |= extra.maps
             result.ratios |= extra.ratios
             for scope, residual in extra.completeness.items():
@@ -189,11 +226,13 @@ def mixing_maps(
                 ratios[scope] = layer_map.new_empty(len(layer_list), *layer_map.shape[:2])
             outputs[scope][index] = layer_map
             ratios[scope][index] = result.ratios[scope]
-        patterns.append(result.pattern)
+        if result.pattern is not None:
+            patterns.append(result.pattern)
         if result.value_norms is not None:
             norms.append(result.value_norms)
     assert mask is not None
     stacked_norms = torch.stack(norms) if norms else None
+    names = [s.name for s in wanted]
     return MixingMaps(
         layers=tuple(layer_list),
         maps={name: outputs[name] for name in names},
@@ -207,6 +246,7 @@ def mixing_maps(
         str_tokens=adapter.str_tokens(tokens) if tokens is not None else None,
         completeness={name: completeness[name] for name in whole},
         causal=adapter.spec.causal,
+        verification=checked,
     )
 
 
@@ -214,7 +254,7 @@ def _read(
     adapter: ModelAdapter,
     cache: Any,
     layer: int,
-    roles: frozenset[str],
+    roles: frozenset[str] | set[str],
     scopes: list[str],
     value_norms: bool,
 ) -> LayerTensors:
@@ -268,13 +308,29 @@ class HeadMaps(Mapping[str, Tensor]):
         return len(self._scopes)
 
 
-def _roles(scopes: Iterable[Scope], kind: BlockKind, value_norms: bool) -> frozenset[str]:
-    roles = frozenset().union(*(scope_roles(s, kind) for s in scopes))
+def _roles(scopes: Iterable[Scope], adapter: ModelAdapter, value_norms: bool) -> frozenset[str]:
+    layout = adapter.layout
+    roles = frozenset().union(*(scope_roles(s, layout) for s in scopes))
     return roles | VALUE_NORM_ROLES if value_norms else roles
 
 
-def _mask(attention_mask: Tensor | None, batch: int, pos: int, device: torch.device) -> Tensor:
+def _mask(
+    adapter: ModelAdapter, attention_mask: Tensor | None, tokens: Tensor | None, t: LayerTensors
+) -> Tensor:
+    batch, pos, device = t.batch, t.pos, t.device
+    if tokens is not None:
+        rows = tokens if tokens.ndim == 2 else tokens[None]
+        if tuple(rows.shape) != (batch, pos):
+            raise ValueError(
+                f"tokens has shape {tuple(rows.shape)} but the cache holds [batch={batch}, "
+                f"pos={pos}]: pass the tokens of the run that made the cache."
+            )
     if attention_mask is None:
+        derived = adapter.padding_mask(tokens) if tokens is not None else None
+        if derived is not None:
+            return derived.to(device=device).bool()
+        if "pattern" in t:
+            _refuse_hidden_padding(t.pattern)
         return torch.ones(batch, pos, dtype=torch.bool, device=device)
     if tuple(attention_mask.shape) != (batch, pos):
         raise ValueError(
@@ -282,3 +338,17 @@ def _mask(attention_mask: Tensor | None, batch: int, pos: int, device: torch.dev
             f"[batch={batch}, pos={pos}]; pass the mask used for the run that made the cache."
         )
     return attention_mask.to(device=device).bool()
+
+
+def _refuse_hidden_padding(pattern: Tensor) -> None:
+    """A key that no query attends to in any head was masked by the model: padding that the
+    maps would count as tokens unless the mask is given."""
+    unseen = (pattern == 0).all(dim=1).all(dim=1)  # [batch, key]
+    if bool(unseen.any()):
+        rows = sorted({int(b) for b in unseen.nonzero()[:, 0]})
+        raise ValueError(
+            f"Batch row(s) {rows} of the cache have key positions that receive no attention in "
+            "any head: the run was padded and masked. Pass the mask it used, "
+            "mixing_maps(..., attention_mask=mask), or the tokens (tokens=...) so tl_normmix can "
+            "derive it as TransformerLens did."
+        )

@@ -1,8 +1,10 @@
 """The scopes tl_normmix computes, and what each one needs from the cache.
 
-A *scope* names one token-to-token map (METHODS.md §1–3). Each scope lists the cache *roles*
-it reads (``pattern``, ``v``, ``resid_pre``, ...); the model adapter turns roles into the hook
-names of a given model, which is how ``hook_filter`` keeps only the hooks the scopes need.
+A *scope* names one token-to-token map (METHODS.md §1–3) and the decomposition ``Stage`` it is.
+Each stage reads cache *roles* (``pattern``, ``v``, ``resid_pre``, ``ln2.scale``, ...) that depend
+on the block's layout; the model adapter turns roles into the hook names of a given model, which
+is how ``hook_filter`` keeps only the hooks the scopes need. Scopes a layout cannot support are
+refused with the reason (``UnsupportedScopeError``).
 """
 
 from __future__ import annotations
@@ -10,129 +12,133 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tl_normmix.blocks import BlockKind
+from tl_normmix.decompose.blocks import MULTIPLIER, BlockLayout, Stage
 
 __all__ = [
-    "FF_SCOPES",
-    "NORM_CHAINS",
-    "NORM_SCOPES",
     "SCOPES",
     "WHOLE_LAYER_SCOPES",
     "Scope",
     "UnsupportedScopeError",
+    "check_roles",
     "resolve_scopes",
     "scope_roles",
+    "stage_of",
 ]
+
+
+class UnsupportedScopeError(NotImplementedError):
+    """A scope that the model's block structure cannot support."""
 
 
 @dataclass(frozen=True)
 class Scope:
     name: str
-    roles: frozenset[str]  # cache roles read per layer (see tl_normmix.adapter.ROLES)
+    stage: Stage
     has_heads: bool  # whether a per-head map exists (maps.heads[name])
     method: str  # where METHODS.md defines it
     description: str
 
 
-_WHOLE = frozenset({"pattern", "v", "attn_out", "resid_pre", "mlp_out", "resid_post"})
-
 SCOPES: dict[str, Scope] = {
     s.name: s
     for s in (
-        Scope("attn_w", frozenset({"pattern"}), True, "§1", "attention weights α; head mean"),
-        Scope(
-            "attn_n", frozenset({"pattern", "v", "attn_out"}), True, "§1", "‖Σ_h α^h_ij f^h(x_j)‖"
-        ),
-        Scope("attnres_w", frozenset({"pattern"}), False, "§2", "0.5·ᾱ + 0.5·I"),
-        Scope(
-            "attnres_n",
-            frozenset({"pattern", "v", "attn_out", "resid_pre"}),
-            False,
-            "§2",
-            "‖Σ_h α f + δ x‖",
-        ),
+        Scope("attn_w", Stage.WEIGHTS, True, "§1", "attention weights α; head mean"),
+        Scope("attn_n", Stage.ATTN, True, "§1", "‖Σ_h α^h_ij f^h(x_j)‖"),
+        Scope("attnres_w", Stage.WEIGHTS_RES, False, "§2", "0.5·ᾱ + 0.5·I"),
+        Scope("attnres_n", Stage.ATTN_RES, False, "§2", "‖Σ_h α f + δ x‖"),
         Scope(
             "attnresln_n",
-            frozenset({"pattern", "v", "attn_out", "resid_pre"}),
+            Stage.ATTN_RES_LN,
             False,
             "§2",
-            "‖g_i(Σ_h α f + δ x)‖ with the norm that reads attn + x",
+            "‖g_i(Σ_h α f + δ x)‖ with the norm(s) that read attn + x (the FF input)",
         ),
         Scope(
             "attnreslnff_n",
-            _WHOLE,
+            Stage.FF,
             False,
             "§3",
             "‖IG_ij‖: the feed-forward output split by integrated gradients (FF-only map)",
         ),
-        Scope("attnreslnffres_n", _WHOLE, False, "§3", "‖IG_ij + residual parts‖ (+RES2)"),
-        Scope("attnreslnffresln_n", _WHOLE, False, "§3", "post-LN: ‖g_i(IG_ij + parts)‖ (+LN2)"),
-        Scope("layer_n", _WHOLE, False, "§3", "the whole block output, split by source"),
+        Scope("attnreslnffres_n", Stage.FF_RES, False, "§3", "‖IG_ij + residual parts‖ (+RES2)"),
+        Scope("attnreslnffresln_n", Stage.OUT, False, "§3", "post-LN: ‖g_i(IG_ij + parts)‖ (+LN2)"),
+        Scope("layer_n", Stage.OUT, False, "§3", "the whole block output, split by source"),
     )
 }
 
-#: Scopes computed from norms of decomposed vectors (METHODS §1–2), by ``residual.decompose``.
-NORM_SCOPES = ("attn_n", "attnres_n", "attnresln_n")
+#: Whole-layer scopes through the feed-forward block, in execution order (METHODS §3).
+WHOLE_LAYER_SCOPES = ("attnreslnff_n", "attnreslnffres_n", "attnreslnffresln_n", "layer_n")
 
-#: The norms linearised before and after the residual add, per scope and block kind (METHODS §2):
-#: ``(pre, post)``. Sandwich blocks normalise the attention output before adding the residual.
-NORM_CHAINS: dict[tuple[str, BlockKind], tuple[tuple[str, ...], tuple[str, ...]]] = {
-    **{("attnres_n", kind): ((), ()) for kind in BlockKind},
-    ("attnres_n", BlockKind.SANDWICH): (("ln1_post",), ()),
-    ("attnresln_n", BlockKind.PRE_LN): ((), ("ln2",)),
-    ("attnresln_n", BlockKind.POST_LN): ((), ("ln1",)),
-    ("attnresln_n", BlockKind.SANDWICH): (("ln1_post",), ("ln2",)),
-}
+_ATTENTION = frozenset({"pattern", "v", "attn_out"})
 
 
-#: Whole-layer scopes through the feed-forward block, in execution order (METHODS §3), and the
-#: scope of the whole block output.
-FF_SCOPES = ("attnreslnff_n", "attnreslnffres_n", "attnreslnffresln_n")
-WHOLE_LAYER_SCOPES = (*FF_SCOPES, "layer_n")
-
-
-def _whole_layer_roles(scope: Scope, kind: BlockKind) -> frozenset[str]:
-    if kind is BlockKind.PARALLEL:
-        if scope.name != "layer_n":
-            raise UnsupportedScopeError(
-                f"Scope {scope.name!r} is not defined for parallel blocks: the feed-forward block "
-                "reads LN2 of the layer input, not the attention output, so within the layer its "
-                "whole output belongs to the receiving token. Use 'layer_n' (the block output)."
-            )
-        return scope.roles | {"ln2.scale"}
-    if scope.name == "attnreslnffresln_n" and kind is not BlockKind.POST_LN:
-        raise UnsupportedScopeError(
-            f"Scope 'attnreslnffresln_n' exists only in post-LN blocks (BERT); in {kind.value} "
-            "blocks no norm follows the second residual inside the block, whose output is "
-            "'attnreslnffres_n' (also called 'layer_n')."
+def stage_of(scope: Scope, layout: BlockLayout) -> Stage:
+    """The stage ``scope`` is in ``layout``, or ``UnsupportedScopeError`` with the reason."""
+    reason = layout.unsupported(scope.stage)
+    if scope.name == "attnreslnffresln_n" and not layout.post:
+        reason = (
+            f"no norm follows the second residual inside a {layout.name} block, whose output is "
+            "'attnreslnffres_n' (also called 'layer_n')"
         )
-    pre, post = NORM_CHAINS[("attnresln_n", kind)]
-    extra = {f"{norm}.scale" for norm in (*pre, *post)}
-    if kind is BlockKind.POST_LN:
-        extra |= {"ln2.scale", "ln2.in"}
-    if kind is BlockKind.SANDWICH:
-        extra |= {"ln2_post.scale"}
-    return scope.roles | extra
-
-
-def scope_roles(scope: Scope, kind: BlockKind) -> frozenset[str]:
-    """The cache roles ``scope`` reads in blocks of ``kind``."""
-    if scope.name in WHOLE_LAYER_SCOPES:
-        return _whole_layer_roles(scope, kind)
-    if scope.name not in {name for name, _ in NORM_CHAINS}:
-        return scope.roles
-    if (scope.name, kind) not in NORM_CHAINS:
+    if reason is not None:
+        alternative = {
+            Stage.ATTN_RES_LN: "Use 'attnres_n' here",
+            Stage.FF: "Use 'layer_n' (the block output)",
+            Stage.FF_RES: "Use 'layer_n' (the block output)",
+        }.get(scope.stage, "Use 'layer_n' (the block output)")
         raise UnsupportedScopeError(
-            f"Scope {scope.name!r} is not defined for {kind.value} blocks: in parallel blocks no "
-            "layer norm reads the sum of the attention output and the residual (the feed-forward "
-            "block reads LN2 of the layer input). Use 'attnres_n' here."
+            f"Scope {scope.name!r} is not defined for {layout.name} blocks: {reason}. "
+            f"{alternative}."
         )
-    pre, post = NORM_CHAINS[(scope.name, kind)]
-    return scope.roles | {f"{norm}.scale" for norm in (*pre, *post)}
+    return scope.stage
 
 
-class UnsupportedScopeError(NotImplementedError):
-    """A scope that the model's block structure cannot support."""
+def _scales(*chains: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(f"{n}.scale" for chain in chains for n in chain)
+
+
+def scope_roles(scope: Scope, layout: BlockLayout) -> frozenset[str]:
+    """The cache roles ``scope`` reads in blocks of ``layout`` (the maps' own inputs)."""
+    stage = stage_of(scope, layout)
+    if stage in (Stage.WEIGHTS, Stage.WEIGHTS_RES):
+        return frozenset({"pattern"})
+    if stage is Stage.ATTN:
+        return _ATTENTION
+    if stage in (Stage.ATTN_RES, Stage.ATTN_RES_LN):
+        pre, post = layout.chains(stage)
+        return _ATTENTION | {"resid_pre"} | _scales(pre, post)
+    roles = _ATTENTION | {"resid_pre", "resid_post"}
+    if layout.has_mlp:
+        roles |= {"mlp_out"}
+    if layout.post and not layout.parallel and layout.has_mlp:
+        roles |= {"post_in"}
+    chains = (layout.attn_out, layout.mid, layout.mlp_in, layout.mlp_out, layout.post)
+    return roles | _scales(*chains)
+
+
+def check_roles(scopes: Iterable[Scope], layout: BlockLayout) -> frozenset[str]:
+    """Roles the self-check reads besides the maps' own (each used only where the model has it):
+    the scales, inputs and outputs of the norms up to the feed-forward input (and, for
+    whole-layer scopes, after it), the feed-forward input and the activation hooks."""
+    stages = {stage_of(s, layout) for s in scopes}
+    if stages <= {Stage.WEIGHTS, Stage.WEIGHTS_RES, Stage.ATTN}:
+        return frozenset()
+    whole = bool(stages & {Stage.FF, Stage.FF_RES, Stage.OUT})
+    chains = [layout.attn_in, layout.attn_out, layout.mid, layout.mlp_in]
+    if whole:
+        chains += [layout.mlp_out, layout.post]
+    roles = {
+        f"{name}.{part}"
+        for chain in chains
+        for name in chain
+        if name != MULTIPLIER
+        for part in ("scale", "in", "out")
+    }
+    if layout.has_mlp:
+        roles.add("mlp_in")
+        if whole:
+            roles |= {"mlp_pre", "mlp_pre_linear", "mlp_post"}
+    return frozenset(roles)
 
 
 #: Per-source value norms ‖f^h(x_j)‖ (METHODS §1) read these roles.

@@ -100,7 +100,8 @@ def mixing_ratio_stats(maps: MixingMaps, scope: str) -> torch.Tensor:
 
 def sink_share(maps: MixingMaps, scope: str, sink: int = 0) -> torch.Tensor:
     """``[layer]``: the share ``map[i, sink] / Σ_j map[i, j]`` received by token ``sink``, averaged
-    over the real queries of every batch row (for ``attn_w`` this is the attention weight)."""
+    over the real queries of every batch row (for ``attn_w`` this is the attention weight where
+    rows sum to 1; with attention sinks (GPT-OSS) it is the share of the weight given to tokens)."""
     full = maps[scope]
     share = full[..., sink] / full.sum(-1).clamp_min(torch.finfo(full.dtype).tiny)
     real = maps.mask[None].expand_as(share)

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from tl_normmix import plots, views
-from tl_normmix.adapter import adapt
+from tl_normmix.decompose.blocks import Stage
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
-from tl_normmix.page import Block, Item, page
+from tl_normmix.models.adapter import adapt
+from tl_normmix.render import plots, views
+from tl_normmix.render.page import Block, Item, page
 
 __all__ = [
     "build_report",
@@ -52,8 +53,8 @@ _CONVENTIONS = {
 
 def default_scopes(model: Any) -> tuple[str, ...]:
     """Weights, norms, + residual, + layer norm (where the block has one) and the whole layer."""
-    kind = adapt(model).spec.block.kind.value
-    if kind == "parallel":  # no norm reads attention + residual
+    layout = adapt(model).layout
+    if layout.unsupported(Stage.ATTN_RES_LN):  # no norm reads attention + residual
         return ("attn_w", "attn_n", "attnres_n", "layer_n")
     return ("attn_w", "attn_n", "attnres_n", "attnresln_n", "layer_n")
 
@@ -215,13 +216,15 @@ def _header(model: Any, maps: MixingMaps, seconds: float) -> str:
     spec = adapt(model).spec
     n = int(maps.mask[0].sum())
     rows = [
-        ("model", f"{spec.model_name} ({spec.architecture}, {spec.block.kind.value} blocks)"),
+        ("model", f"{spec.model_name} ({spec.architecture}, {spec.block.layout.name} blocks)"),
         ("TransformerLens", spec.tl_version),
         ("tl_normmix", importlib.metadata.version("tl_normmix")),
         ("weight convention", _CONVENTIONS.get(maps.convention, maps.convention)),
         ("tokens", str(n)),
         ("layers", ", ".join(map(str, maps.layers))),
         ("scopes", ", ".join(maps.scopes)),
+        ("feed-forward", _feed_forward(spec)),
+        ("self-check", _self_check(maps)),
         ("computed in", f"{seconds:.1f} s"),
     ]
     table = "".join(
@@ -234,6 +237,27 @@ def _header(model: Any, maps: MixingMaps, seconds: float) -> str:
         f'<h3>Text</h3><div class="tlnm-text">{html.escape(tokens)}</div>'
         f"{_completeness(maps)}"
     )
+
+
+def _feed_forward(spec: Any) -> str:
+    kind = spec.block.mlp_kind
+    if kind is None:
+        return "none (attention-only blocks)"
+    if kind == "module":
+        return (
+            "split by Gauss–Legendre quadrature of forward-mode derivatives of the model's own "
+            "module (mixture of experts or no closed form); completeness residuals above 1e-4 "
+            "mark receivers whose integration path crosses a routing switch"
+        )
+    return f"{kind} MLP, activation {spec.activation} (found on the model, checked on the run)"
+
+
+def _self_check(maps: MixingMaps) -> str:
+    if not maps.verification:
+        return "skipped (verify=False)"
+    worst = max((max(r.values(), default=0.0) for r in maps.verification.values()), default=0.0)
+    count = sum(len(r) for r in maps.verification.values())
+    return f"{count} identities checked on this run; worst relative error {worst:.1e}"
 
 
 def _completeness(maps: MixingMaps) -> str:

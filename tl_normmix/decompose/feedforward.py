@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_normmix.blocks import MLPSpec
+from tl_normmix.decompose.blocks import MLPSpec
 
 __all__ = [
     "DEFAULT_QUADRATURE_POINTS",
@@ -102,7 +102,6 @@ def gauss_legendre(points: int, like: Tensor) -> tuple[Tensor, Tensor]:
 
 def ig_coefficients(
     mlp: MLPSpec,
-    act: Callable[[Tensor], Tensor],
     parts_sum: Float[Tensor, "*batch d_model"],
     bias_input: Float[Tensor, "*batch d_model"],
     *,
@@ -111,6 +110,7 @@ def ig_coefficients(
     """The coefficients of METHODS §3 for receivers with ``Σ_j u_ij = parts_sum`` and
     ``u^b = bias_input``. ``quadrature_points=None``: the closed form (element-wise ``act``
     only); an integer: Gauss–Legendre quadrature with that many points (any block)."""
+    act = mlp.act
     u, ub = parts_sum.double(), bias_input.double()
     W_in, b_in = mlp.W_in.double(), mlp.b_in.double()
     if not mlp.gated:

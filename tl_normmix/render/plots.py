@@ -24,7 +24,7 @@ import torch
 
 from tl_normmix.analysis import contextualization_change
 from tl_normmix.maps import MixingMaps
-from tl_normmix.page import Block
+from tl_normmix.render.page import Block
 from tl_normmix.summary import mixing_ratio_stats, sink_share
 
 __all__ = ["contextualization_changes", "figure_block", "mixing_ratios", "sink_shares"]

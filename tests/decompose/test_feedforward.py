@@ -17,9 +17,9 @@ import itertools
 import pytest
 import torch
 
-from tl_normmix import feedforward
-from tl_normmix.activations import ACTIVATIONS
-from tl_normmix.blocks import MLPSpec
+from tl_normmix.decompose import feedforward
+from tl_normmix.decompose.activations import ACTIVATIONS
+from tl_normmix.decompose.blocks import MLPSpec
 
 D, D_MLP, PARTS = 6, 10, 4
 DTYPE = torch.float64
@@ -32,7 +32,8 @@ def _mlp(act_fn: str, gated: bool, seed: int = 0, *, bias_after_gate: bool = Fal
         return torch.randn(*shape, generator=gen, dtype=DTYPE)
 
     return MLPSpec(
-        act_fn=act_fn,
+        act=ACTIVATIONS[act_fn],
+        act_name=act_fn,
         W_in=rand(D, D_MLP),
         b_in=rand(D_MLP),
         W_out=rand(D_MLP, D),
@@ -60,9 +61,7 @@ def _riemann_ig(mlp: MLPSpec, parts: torch.Tensor, bias: torch.Tensor, steps: in
 
 
 def _fast_ig(mlp: MLPSpec, parts: torch.Tensor, bias: torch.Tensor, points=None) -> torch.Tensor:
-    k = feedforward.ig_coefficients(
-        mlp, mlp.activation, parts.sum(0), bias, quadrature_points=points
-    )
+    k = feedforward.ig_coefficients(mlp, parts.sum(0), bias, quadrature_points=points)
     k_in, k_gate = k.k_in.double(), k.k_gate.double() if k.k_gate is not None else None
     hidden = (parts @ mlp.W_in) * k_in
     if k_gate is not None:
@@ -98,9 +97,7 @@ def test_quadrature_residual_shrinks_with_points():
     target = mlp.forward(parts.sum(0) + bias) - mlp.forward(bias)
     residuals = []
     for points in (1, 2, 4, 8, 16):
-        k = feedforward.ig_coefficients(
-            mlp, mlp.activation, parts.sum(0), bias, quadrature_points=points
-        )
+        k = feedforward.ig_coefficients(mlp, parts.sum(0), bias, quadrature_points=points)
         got = (
             (parts.sum(0) @ mlp.W_in) * k.k_in.double()
             + (parts.sum(0) @ mlp.W_gate) * k.k_gate.double()
@@ -116,14 +113,14 @@ def test_zero_preactivation_limit_has_no_nans(act_fn):
     mlp = _mlp(act_fn, gated=False)
     W_in = mlp.W_in.clone()
     W_in[:, :3] = 0.0  # units 0-2 get a = 0 from any input
-    mlp = MLPSpec(act_fn, W_in, mlp.b_in, mlp.W_out, mlp.b_out)
+    mlp = MLPSpec(ACTIVATIONS[act_fn], act_fn, W_in, mlp.b_in, mlp.W_out, mlp.b_out)
     parts, bias = _parts()
     parts = torch.cat([parts, -parts])  # Σ_j u_j = 0 exactly: every a = 0
     for inputs in (_parts()[0], parts):
-        k = feedforward.ig_coefficients(mlp, mlp.activation, inputs.sum(0), bias)
+        k = feedforward.ig_coefficients(mlp, inputs.sum(0), bias)
         assert torch.isfinite(k.k_in).all()
         offset = bias @ mlp.W_in + mlp.b_in
-        derivative = feedforward.derivative(mlp.activation, offset)
+        derivative = feedforward.derivative(mlp.act, offset)
         a = inputs.sum(0) @ mlp.W_in
         zero = a == 0
         assert zero[:3].all()
@@ -136,6 +133,6 @@ def test_gated_needs_quadrature_points():
     mlp = _mlp("silu", gated=True)
     parts, bias = _parts()
     with pytest.raises(ValueError, match="quadrature"):
-        feedforward.ig_coefficients(mlp, mlp.activation, parts.sum(0), bias)
+        feedforward.ig_coefficients(mlp, parts.sum(0), bias)
     with pytest.raises(ValueError, match="at least 1"):
-        feedforward.ig_coefficients(mlp, mlp.activation, parts.sum(0), bias, quadrature_points=0)
+        feedforward.ig_coefficients(mlp, parts.sum(0), bias, quadrature_points=0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from handmade_maps import handmade
 
-from tl_normmix import page, plots, views
-from tl_normmix.page import Block, Row
+from tl_normmix.render import page, plots, views
+from tl_normmix.render.page import Block, Row
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 #: script or style sources that would reach the network

@@ -22,9 +22,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tl_normmix import attention
-from tl_normmix.blocks import NormSpec
-from tl_normmix.residual import NormChain, decomposed_norms
+from tl_normmix.decompose import attention
+from tl_normmix.decompose.blocks import NormSpec
+from tl_normmix.decompose.residual import NormChain, decomposed_norms
 
 DTYPE = torch.float64
 RTOL, ATOL = 1e-9, 1e-10

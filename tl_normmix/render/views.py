@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from tl_normmix.maps import MixingMaps
-from tl_normmix.page import Row, View
+from tl_normmix.render.page import Row, View
 
 __all__ = ["PROBABILITY_SCOPES", "compare", "heads", "reads_from", "value_norms", "writes_to"]
 

@@ -26,8 +26,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_normmix import attention
-from tl_normmix.blocks import NormSpec
+from tl_normmix.decompose import attention
+from tl_normmix.decompose.blocks import NormSpec
 
 __all__ = ["Decomposition", "NormChain", "Request", "decompose", "decomposed_norms"]
 

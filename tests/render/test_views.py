@@ -6,7 +6,7 @@ import pytest
 import torch
 from handmade_maps import handmade
 
-from tl_normmix import views
+from tl_normmix.render import views
 
 
 def _close(shown, expected):

@@ -1,0 +1,137 @@
+"""A direct, obviously-correct reference: every per-pair vector materialised (float64).
+
+For one layer's tensors (``read_layers``) and any layout: the attention parts
+``Σ_h α^h_ij f^h(x_j)`` ``[batch, i, j, d]``, pushed through the layout's chains of norms with each
+receiver's cached scale (METHODS §0), the residual added on the diagonal (§2), the feed-forward
+output split by a brute-force Riemann-sum integrated gradient with autograd (§3), and the rest of
+the block. Each stage comes with its bias terms (``[batch, i, d]``), so ``parts.sum(j) + bias``
+must equal what the model computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tl_normmix.decompose.blocks import FFModule, MLPSpec
+
+STEPS = 300  # midpoint rule: error ~ 1/STEPS² for the smooth activations here
+
+Stage = tuple[torch.Tensor, torch.Tensor]  # (parts [b, i, j, d], bias [b, i, d])
+
+
+def attention(t, mask: torch.Tensor) -> Stage:
+    """``Σ_h α^h_ij f^h(x_j)`` with masked keys and queries dropped, and ``b_O``."""
+    pair = mask[:, None, :, None] & mask[:, None, None, :]
+    alpha = t.pattern.double().masked_fill(~pair, 0.0)
+    f = torch.einsum("bjhd,hdm->bjhm", t.v.double(), t.W_O.double())
+    parts = torch.einsum("bhij,bjhm->bijm", alpha, f)
+    return parts, t.b_O.double().expand(parts.shape[0], parts.shape[1], -1)
+
+
+def through(t, names: tuple[str, ...], stage: Stage) -> Stage:
+    """The parts through the norms ``names`` (frozen scale at the receiver), the bias through
+    the norms themselves (β included)."""
+    parts, bias = stage
+    for name in names:
+        norm = _double(t.norms[name])
+        scale = t.scale(name).double()
+        parts = norm.linear(parts, scale[:, :, None, :])
+        bias = norm.apply(bias, scale)
+    return parts, bias
+
+
+def plus_residual(t, stage: Stage, extra: torch.Tensor | None = None) -> Stage:
+    """``δ_ij x_i`` (and ``extra_i``) added on the diagonal: the receiver's own stream."""
+    parts, bias = stage
+    own = t["resid_pre"].double() + (extra if extra is not None else 0.0)
+    eye = torch.eye(parts.shape[1], dtype=torch.bool)[None, :, :, None]
+    return parts + eye * own[:, :, None, :], bias
+
+
+def attention_block(t, which: str, mask: torch.Tensor) -> Stage:
+    """``attn`` (the pure attention output), ``attn_res`` or ``attn_res_ln`` (METHODS §1–2)."""
+    stage = attention(t, mask)
+    if which == "attn":
+        return stage
+    layout = t.layout
+    stage = plus_residual(t, through(t, layout.attn_out, stage))
+    return stage if which == "attn_res" else through(t, layout.ff_input, stage)
+
+
+def whole_layer(t, mask: torch.Tensor) -> dict[str, Stage]:
+    """``ff`` (IG of the FF), ``res`` (+ its chain + RES2) and ``final`` (post-LN: + LN2), or
+    ``out`` only for parallel and attention-only blocks (METHODS §3)."""
+    layout = t.layout
+    ff = _double_ff(t.mlp) if t.mlp is not None else None
+    if layout.parallel or not layout.has_mlp:
+        stage = through(t, layout.attn_out, attention(t, mask))
+        if ff is None:
+            return {"out": through(t, (*layout.mid, *layout.post), plus_residual(t, stage))}
+        zero = torch.zeros_like(t["resid_pre"].double())
+        base = through(t, layout.mlp_in, (zero[:, :, None, :], zero))[1]
+        written = through(t, layout.mlp_out, (ff.forward(base)[:, :, None, :], ff.forward(base)))
+        own = through(t, layout.mlp_out, (zero[:, :, None, :], t["mlp_out"].double()))[1]
+        parts, bias = plus_residual(t, stage, own - written[1])
+        return {"out": through(t, layout.post, (parts, bias + written[1]))}
+    u, u_bias = attention_block(t, "attn_res_ln", mask)
+    ig = riemann(ff, u, u_bias)
+    ff_bias = ff.forward(u_bias)
+    stages = {"ff": (ig, ff_bias)}
+    res, res_bias = through(t, layout.mid, plus_residual(t, through(t, layout.attn_out, attention(t, mask))))
+    written, written_bias = through(t, layout.mlp_out, (ig, ff_bias))
+    stages["res"] = (written + res, written_bias + res_bias)
+    if layout.post:
+        stages["final"] = through(t, layout.post, stages["res"])
+    return stages
+
+
+def riemann(ff, parts: torch.Tensor, bias: torch.Tensor, steps: int = STEPS) -> torch.Tensor:
+    """IG_ij for parts ``[b, i, j, d]`` and bias ``[b, i, d]``: the midpoint rule with autograd
+    Jacobians along ``bias + t Σ_j parts``."""
+    t = (torch.arange(steps, dtype=parts.dtype) + 0.5) / steps
+    points = bias[:, :, None, :] + t[:, None] * parts.sum(2)[:, :, None, :]  # [b, i, s, d]
+    # Rows of every token's Jacobian by plain autograd (modules and custom autograd functions
+    # such as BLOOM's GELU need not support vmap).
+    jac = _token_jacobians(ff.forward, points.reshape(-1, points.shape[-1]))
+    jac = jac.view(*points.shape[:3], *jac.shape[1:])  # [b, i, s, d_out, d_in]
+    return torch.einsum("bijd,biod->bijo", parts, jac.mean(2))
+
+
+def _token_jacobians(forward, points: torch.Tensor) -> torch.Tensor:
+    """``[n, d_out, d_in]`` Jacobians of a token-wise map at ``n`` points: one backward pass per
+    output unit over all tokens at once (tokens do not interact)."""
+    leaf = points.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = forward(leaf)
+        rows = [
+            torch.autograd.grad(out[:, o].sum(), leaf, retain_graph=True)[0]
+            for o in range(out.shape[-1])
+        ]
+    return torch.stack(rows, dim=1)
+
+
+def _double(norm):
+    return dataclasses.replace(
+        norm, weight=norm.weight.double(), bias=norm.bias.double() if norm.bias is not None else None
+    )
+
+
+def _double_ff(mlp):
+    if isinstance(mlp, FFModule):
+        return FFModule(
+            forward=lambda u: mlp.forward(u.float()).to(u.dtype),
+            description=mlp.description,
+            width=mlp.width,
+            forward_ad=mlp.forward_ad,
+        )
+    assert isinstance(mlp, MLPSpec)
+    return dataclasses.replace(
+        mlp,
+        **{
+            f.name: getattr(mlp, f.name).double()
+            for f in dataclasses.fields(mlp)
+            if isinstance(getattr(mlp, f.name), torch.Tensor)
+        },
+    )

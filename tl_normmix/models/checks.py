@@ -1,0 +1,185 @@
+"""Self-verification: the identities that make a layer's maps exact, checked on the cache at hand.
+
+Per computed layer (``mixing_maps(..., verify=True)``, the default):
+
+* **attention output** — ``Σ_h Σ_j α^h_ij v^h_j W_O^h + b_O`` equals the pure attention output,
+  on a sample of query rows per batch row (``O(rows·N·H·d_head)``: a small share of the maps);
+* **each norm** — its cached scale equals ``sqrt(var + ε)`` (RMS: ``sqrt(mean x² + ε)``) of the
+  input the layout feeds it, rebuilt from ``resid_pre``, ``attn_out`` (and ``mlp_out``) and the
+  upstream scales; its cached input and output, where a hook holds them, equal the rebuilt ones;
+* **the causal mask** — a causal model's pattern has no weight on future keys, on the same sample
+  of rows (TransformerLens 4.3 drops OpenAI-GPT's causal mask when an ``attention_mask`` is passed);
+* **the feed-forward input** (``mlp.hook_in``), and for whole-layer scopes **the block output**,
+  **the activation** (``act(hook_pre) = hook_post``) and **the feed-forward block** rebuilt from
+  its weights on its input (``O(N·d·d_ff)``, against ``O(N²·d·d_ff)`` for the maps).
+
+All on real tokens only (padding excluded), as ``max |rebuilt − cached| / max |cached|``. A failure
+raises ``VerificationError`` naming the model, layer, identity, the measured error and the likely
+cause, instead of returning maps that would be wrong; the residuals measured are kept in the
+result (``MixingMaps.verification``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from tl_normmix.decompose.blocks import LayerTensors, MLPSpec
+from tl_normmix.decompose.composition import recompose
+from tl_normmix.models.errors import VerificationError
+
+__all__ = ["SAMPLE_ROWS", "tolerance", "verify_layer"]
+
+#: Query rows per batch row in the attention-output check.
+SAMPLE_ROWS = 8
+
+_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+_EDITED = "a hook edited the cache's run (activation patching) or the cache mixes runs"
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The largest relative error accepted for a cache of ``dtype`` (its rounding, with margin)."""
+    return _TOLERANCE.get(dtype, 5e-2)
+
+
+def verify_layer(
+    t: LayerTensors,
+    mask: Bool[Tensor, "batch pos"],
+    *,
+    through_ff: bool,
+    precision: torch.dtype,
+    model_name: str,
+    causal: bool = False,
+) -> dict[str, float]:
+    """Check the identities of the module docstring that ``t`` holds the tensors for; return
+    ``{identity: relative error}`` or raise ``VerificationError`` on the first that fails."""
+    limit = tolerance(precision)
+    residuals: dict[str, float] = {}
+
+    def record(
+        identity: str, rebuilt: Tensor, cached: Tensor, cause: str, rows: Tensor | None = None
+    ) -> None:
+        error = _relative(rebuilt, cached, mask if rows is None else mask[:, rows])
+        residuals[identity] = error
+        if not error <= limit:  # NaN fails too
+            raise VerificationError(
+                f"{model_name}, layer {t.layer} ({t.layout.name} block): the {identity} rebuilt "
+                f"from the cache differs from the cached one (relative error {error:.3g}, "
+                f"tolerance {limit:.0e} for a {str(precision).removeprefix('torch.')} cache). "
+                f"Likely cause: {cause}. The maps would be wrong, so none are returned; "
+                "mixing_maps(..., verify=False) skips this check.",
+                layer=t.layer,
+                identity=identity,
+                error=error,
+            )
+
+    rows = _sample_rows(mask)
+    if causal and "pattern" in t:
+        keys = torch.arange(t.pos, device=t.device)
+        future = keys[None, :] > rows[:, None]  # [rows, key]
+        real = mask[:, rows, None] & mask[:, None, :]  # real query rows and keys [batch, r, k]
+        weight = t.pattern[:, :, rows].abs().amax(dim=1)[real & future]
+        residuals["causal mask"] = leak = float(weight.max()) if weight.numel() else 0.0
+        if leak > limit:
+            raise VerificationError(
+                f"{model_name}, layer {t.layer}: the model is causal but its cached pattern puts "
+                f"weight {leak:.3g} on future positions. Likely cause: TransformerLens ran it "
+                "without its causal mask (TransformerLens 4.3 does so for OpenAI-GPT when an "
+                "attention_mask is passed); the run is not the model's real computation. Run it "
+                "without attention_mask (unpadded) or with another TransformerLens version; "
+                "mixing_maps(..., verify=False) skips this check.",
+                layer=t.layer,
+                identity="causal mask",
+                error=leak,
+            )
+    if {"pattern", "v", "attn_out"} <= set(t):
+        rebuilt = _attention_rows(t, rows)
+        cached = t["attn_out"][:, rows]
+        record(
+            "attention output",
+            rebuilt,
+            cached,
+            "the pattern, the value vectors and the pure attention output do not belong together: "
+            f"{_EDITED}, or TransformerLens changed a hook's meaning",
+            rows,
+        )
+    if "resid_pre" in t and "attn_out" in t:
+        full = through_ff and "resid_post" in t and ("mlp_out" in t or not t.layout.has_mlp)
+        rec = recompose(t, through_ff=full)
+        layout_cause = (
+            f"the norm does not read what a {t.layout.name} block feeds it: {_EDITED} (e.g. on "
+            "hook_resid_mid), or the block is not laid out as tl_normmix read it from the model"
+        )
+        for name, x in rec.norm_in.items():
+            norm = t.norms[name]
+            if norm.kind != "fixed":
+                record(f"{name} scale", norm.scale_of(x), t.scale(name), layout_cause)
+            if f"{name}.in" in t:
+                record(f"{name} input", x, t[f"{name}.in"], layout_cause)
+            if f"{name}.out" in t:
+                record(f"{name} output", rec.norm_out[name], t[f"{name}.out"], layout_cause)
+        if rec.mlp_in is not None and "mlp_in" in t:
+            record("feed-forward input", rec.mlp_in, t["mlp_in"], layout_cause)
+        if rec.resid_post is not None:
+            record("block output", rec.resid_post, t["resid_post"], layout_cause)
+        if through_ff and t.mlp is not None and "mlp_out" in t:
+            _check_feed_forward(t, rec.mlp_in, record)
+    return residuals
+
+
+def _check_feed_forward(
+    t: LayerTensors, rebuilt_in: Tensor | None, record: Callable[[str, Tensor, Tensor, str], None]
+) -> None:
+    mlp = t.mlp
+    if isinstance(mlp, MLPSpec) and "mlp_pre" in t and "mlp_post" in t:
+        linear = t["mlp_pre_linear"] if mlp.gated and "mlp_pre_linear" in t else None
+        if not mlp.gated or linear is not None:
+            record(
+                "activation",
+                mlp.hidden(t["mlp_pre"], linear),
+                t["mlp_post"],
+                f"the activation tl_normmix found on the model ({mlp.act_name}) does not "
+                "reproduce mlp.hook_post from mlp.hook_pre",
+            )
+    u = t["mlp_in"] if "mlp_in" in t else rebuilt_in
+    if u is None or mlp is None:
+        return
+    with torch.no_grad():
+        rebuilt = mlp.forward(u)
+    record(
+        "feed-forward output",
+        rebuilt,
+        t["mlp_out"],
+        "the feed-forward block rebuilt from its weights on its input does not give its cached "
+        f"output: {_EDITED}, or the weights changed after the run",
+    )
+
+
+def _relative(rebuilt: Tensor, cached: Tensor, mask: Tensor) -> float:
+    """``max |rebuilt − cached| / max |cached|`` over the positions ``mask`` keeps."""
+    a, b = rebuilt.double(), cached.double()
+    if not bool(mask.all()):
+        a, b = a[mask], b[mask]
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    error = float((a - b).abs().max()) if b.numel() else 0.0
+    return error / max(scale, 1e-30)
+
+
+def _sample_rows(mask: Tensor) -> Tensor:
+    """Up to ``SAMPLE_ROWS`` query positions spread over the sequence (the last one included)."""
+    pos = mask.shape[1]
+    if pos <= SAMPLE_ROWS:
+        return torch.arange(pos, device=mask.device)
+    rows = torch.linspace(0, pos - 1, SAMPLE_ROWS, device=mask.device).round().long()
+    return torch.unique(rows)
+
+
+def _attention_rows(t: LayerTensors, rows: Tensor) -> Tensor:
+    """``Σ_h Σ_j α^h_ij v^h_j W_O^h + b_O`` for query rows ``rows``: ``[batch, rows, d_model]``."""
+    pattern = t.pattern[:, :, rows]  # [batch, head, rows, key]
+    z = torch.einsum("bhik,bkhd->bihd", pattern, t.v)
+    return torch.einsum("bihd,hdm->bim", z, t.W_O) + t.b_O
