@@ -46,10 +46,10 @@ STEPS = 20
 def riemann_layer(model: Any, cache: Any, steps: int = STEPS) -> Any:
     """Layer 0's ‖IG_ij‖ by a plain Riemann sum over materialised per-pair parts."""
     import torch
-
-    import tl_normmix as nm
     from tl_normmix.activations import activation
     from tl_normmix.feedforward import derivative
+
+    import tl_normmix as nm
     from tl_normmix.scopes import NORM_CHAINS
 
     adapter = nm.adapt(model)
@@ -145,7 +145,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import transformers
-
     from tl_normmix.feedforward import flops_per_pair
 
     results: dict[tuple[int, str], dict | str] = {}

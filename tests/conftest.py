@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 for _folder in ("models", "decompose", "render"):
     sys.path.insert(1, str(Path(__file__).parent / _folder))
 
-import tiny_models
+import tiny_models  # noqa: E402  (after the path set-up above)
 
 
 @pytest.fixture(scope="session")

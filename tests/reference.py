@@ -79,7 +79,9 @@ def whole_layer(t, mask: torch.Tensor) -> dict[str, Stage]:
     ig = riemann(ff, u, u_bias)
     ff_bias = ff.forward(u_bias)
     stages = {"ff": (ig, ff_bias)}
-    res, res_bias = through(t, layout.mid, plus_residual(t, through(t, layout.attn_out, attention(t, mask))))
+    res, res_bias = through(
+        t, layout.mid, plus_residual(t, through(t, layout.attn_out, attention(t, mask)))
+    )
     written, written_bias = through(t, layout.mlp_out, (ig, ff_bias))
     stages["res"] = (written + res, written_bias + res_bias)
     if layout.post:
@@ -114,7 +116,9 @@ def _token_jacobians(forward, points: torch.Tensor) -> torch.Tensor:
 
 def _double(norm):
     return dataclasses.replace(
-        norm, weight=norm.weight.double(), bias=norm.bias.double() if norm.bias is not None else None
+        norm,
+        weight=norm.weight.double(),
+        bias=norm.bias.double() if norm.bias is not None else None,
     )
 
 

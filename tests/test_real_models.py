@@ -10,12 +10,12 @@ receives most attention weight yet writes vectors far smaller than other tokens'
 from __future__ import annotations
 
 import pytest
+import reference
 import test_adapter
 import test_residual
 import torch
-from tiny_models import run_with_cache
-import reference
 from conftest import assert_rel_close, ewt_sentences, read_layers
+from tiny_models import run_with_cache
 
 import tl_normmix as nm
 from tl_normmix.summary import mixing_ratio_stats, sink_share

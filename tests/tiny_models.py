@@ -375,6 +375,29 @@ FAMILIES: dict[str, Family] = {
         "pre_ln",
         "module",
     ),
+    # multi-head latent attention (its per-head values are per-token terms); TransformerLens
+    # wraps the dense first MLP as a mixture of experts too
+    "deepseek_v3": Family(
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        _llama_like(
+            num_key_value_heads=H,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=4,
+            v_head_dim=DH,
+            qk_nope_head_dim=4,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+        "pre_ln",
+        "module",
+    ),
     # refused, with the feature named
     "falcon_new": Family(
         "FalconForCausalLM",
@@ -394,6 +417,25 @@ FAMILIES: dict[str, Family] = {
         "",
         None,
         refused="encoder–decoder",
+    ),
+    "codegen": Family(
+        "CodeGenForCausalLM",
+        "CodeGenConfig",
+        dict(vocab_size=VOCAB, n_positions=NPOS, n_ctx=NPOS, n_embd=D, n_layer=L, n_head=H)
+        | dict(rotary_dim=4, n_inner=FF, **_IDS),
+        "",
+        None,
+        refused="TransformerLens cannot run this model",
+    ),
+    "jamba": Family(
+        "JambaForCausalLM",
+        "JambaConfig",
+        _llama_like(num_experts=2, num_experts_per_tok=1, attn_layer_period=2)
+        | dict(attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1)
+        | dict(mamba_d_state=4, mamba_d_conv=2, mamba_expand=2, use_mamba_kernels=False),
+        "",
+        None,
+        refused="no attention pattern",
     ),
     "mamba": Family(
         "MambaForCausalLM",
@@ -606,8 +648,7 @@ def _build_tl2(case: Case, dtype: torch.dtype) -> Any:
             positional_embedding_type="rotary",
             rotary_dim=4,
         ),
-        "gemma2": llama
-        | dict(act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True),
+        "gemma2": llama | dict(act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True),
         "no_norm": ln | dict(normalization_type=None),
         "attn_only": ln | dict(attn_only=True),
         "moe": llama | dict(num_experts=4, experts_per_token=2),

@@ -330,7 +330,7 @@ def _mask(
         if derived is not None:
             return derived.to(device=device).bool()
         if "pattern" in t:
-            _refuse_hidden_padding(t.pattern)
+            _refuse_hidden_padding(t.pattern, adapter.spec.causal)
         return torch.ones(batch, pos, dtype=torch.bool, device=device)
     if tuple(attention_mask.shape) != (batch, pos):
         raise ValueError(
@@ -340,15 +340,18 @@ def _mask(
     return attention_mask.to(device=device).bool()
 
 
-def _refuse_hidden_padding(pattern: Tensor) -> None:
-    """A key that no query attends to in any head was masked by the model: padding that the
-    maps would count as tokens unless the mask is given."""
-    unseen = (pattern == 0).all(dim=1).all(dim=1)  # [batch, key]
+def _refuse_hidden_padding(pattern: Tensor, causal: bool) -> None:
+    """Padding the model masked, which the maps would count as tokens unless the mask is given:
+    a key that no query attends to in any head (encoders, masked right padding), or — in a causal
+    model — a first position that attends to later ones (left padding: fully masked rows)."""
+    unseen = (pattern == 0).all(dim=1).all(dim=1).any(dim=-1)  # [batch]
+    if causal and pattern.shape[-1] > 1:
+        unseen |= (pattern[:, :, 0, 1:] != 0).any(dim=-1).any(dim=-1)
     if bool(unseen.any()):
-        rows = sorted({int(b) for b in unseen.nonzero()[:, 0]})
+        rows = [int(b) for b in unseen.nonzero()[:, 0]]
         raise ValueError(
-            f"Batch row(s) {rows} of the cache have key positions that receive no attention in "
-            "any head: the run was padded and masked. Pass the mask it used, "
+            f"Batch row(s) {rows} of the cache look padded and masked (a key no query attends to, "
+            "or a first position that attends to later ones). Pass the mask the run used, "
             "mixing_maps(..., attention_mask=mask), or the tokens (tokens=...) so tl_normmix can "
             "derive it as TransformerLens did."
         )

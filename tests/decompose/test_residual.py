@@ -55,7 +55,7 @@ def _target(t, scope: str, cache) -> torch.Tensor:
             return t["resid_post"]  # attention-only blocks: the block output is r + attn_out
         if TL_MAJOR < 4 and not layout.parallel:
             return cache[mid].float()
-        written = t["attn_out"]  # parallel blocks: no hook holds r + attn_out  # parallel blocks and TL 2.x: no hook holds r + attn_out
+        written = t["attn_out"]  # parallel blocks: no hook holds r + attn_out
         for name in layout.attn_out:
             written = t.norms[name].apply(written, t.scale(name))
         return t["resid_pre"] + written

@@ -101,7 +101,7 @@ def test_fast_equals_reference(case, model, padded):
     for index, t in enumerate(layers):
         stages = reference.whole_layer(t, real)
         for scope in scopes:
-            parts, bias = stages[_kept(scope, t.layout)]
+            parts, _ = stages[_kept(scope, t.layout)]
             expected = parts.norm(dim=-1).masked_fill(~pair, 0.0)
             what = f"{scope} layer {index}"
             # generic: quadrature vs Riemann of a float32 module; ReLU: the Riemann reference

@@ -89,7 +89,11 @@ def check_mlp(layers, kind: str | None) -> None:
 
 
 def _residual_multiplier(case: Case) -> float:
-    return float(FAMILIES[case.family].config.get("residual_multiplier", 1.0)) if TL_MAJOR >= 4 else 1.0
+    return (
+        float(FAMILIES[case.family].config.get("residual_multiplier", 1.0))
+        if TL_MAJOR >= 4
+        else 1.0
+    )
 
 
 def test_residual_stream_adds_up(case, layers):
@@ -101,7 +105,7 @@ def check_residual_stream(layers, name: str, m: float = 1.0) -> None:
     _, tensors = layers
     for t in tensors:
         r, attn = t["resid_pre"], t["attn_out"]
-        mlp = t["mlp_out"] if "mlp_out" in t else None
+        mlp = t.get("mlp_out")
 
         def out(norm, x, t=t):
             if f"{norm}.out" in t:
@@ -172,9 +176,8 @@ def test_hooks_that_break_the_run_are_found_and_avoided(hf_root):
 @pytest.mark.skipif(TL_MAJOR < 4, reason="TransformerLens 4.x bridges")
 @pytest.mark.parametrize("family", REFUSED)
 def test_refusals_name_the_feature(family, hf_root):
-    from transformer_lens.model_bridge import TransformerBridge
-
     from tiny_models import save_hf_folder
+    from transformer_lens.model_bridge import TransformerBridge
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

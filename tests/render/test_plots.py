@@ -9,8 +9,8 @@ import pytest
 import torch
 from handmade_maps import handmade
 
-from tl_normmix.render import plots
 from tl_normmix.analysis import contextualization_change
+from tl_normmix.render import plots
 from tl_normmix.summary import mixing_ratio_stats, sink_share
 
 matplotlib.use("Agg")

@@ -9,8 +9,8 @@ import tiny_models
 from test_page import REMOTE
 
 import tl_normmix as nm
-from tl_normmix.render import report
 from tl_normmix.cli import main
+from tl_normmix.render import report
 
 TEXT = "The keys to the cabinet are on the table."
 

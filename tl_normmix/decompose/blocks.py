@@ -295,6 +295,9 @@ class LayerTensors:
     def __iter__(self) -> Iterator[str]:
         return iter(self.hooks)
 
+    def get(self, role: str, default: Tensor | None = None) -> Tensor | None:
+        return self.hooks.get(role, default)
+
     @property
     def layout(self) -> BlockLayout:
         return self.block.layout

@@ -52,9 +52,8 @@ def recompose(t: LayerTensors, *, through_ff: bool) -> Recomposed:
     r = t["resid_pre"]
     chain(layout.attn_in, r)  # inside f^h(x_j): only checked
     attention = chain(layout.attn_out, t["attn_out"])
-    if layout.parallel:
-        stream = r
-    else:
+    stream: Tensor | None = r
+    if not layout.parallel:
         stream = chain(layout.mid, r + attention if attention is not None else None)
     if layout.has_mlp:
         out.mlp_in = chain(layout.mlp_in, stream)

@@ -48,7 +48,7 @@ def integrated_gradients(
     with ff.forward_ad():
         for t, w in zip(nodes.tolist(), weights.tolist(), strict=True):
             point = (base + t * total)[:, None].expand_as(parts).reshape(-1, d).contiguous()
-            _, derivative = torch.func.jvp(ff.forward, (point,), (tangents,))
+            derivative = torch.func.jvp(ff.forward, (point,), (tangents,))[1]
             out.add_(derivative.view_as(parts), alpha=w)
     return out
 

@@ -148,7 +148,7 @@ def whole_layer_maps(
 
     g_in = _transform(ff_in.chain, f)  # T f^h_j, per source and head
     g_res = g_in if res is ff_in else _transform(res.chain, f)
-    closed = _ClosedForm(mlp, ff_in, g_in, points) if isinstance(mlp, MLPSpec) else None
+    closed = _ClosedForm(mlp, ff_in, g_in, points, out_norm) if isinstance(mlp, MLPSpec) else None
     del f
 
     wanted = set(stages.values())
@@ -165,33 +165,31 @@ def whole_layer_maps(
         rows = torch.arange(start, stop, device=pattern.device)  # receivers i of the chunk
         cols = rows - start  # their index within the chunk
         by_key = pattern[:, :, start:stop].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
+        need_written = need_res or need_final
         if closed is not None:
-            vectors, hidden = closed.chunk(by_key, start, stop, rows, cols, need_ff, out_norm)
+            ig, written = closed.chunk(by_key, start, stop, rows, cols, need_ff, need_written)
         else:
-            assert isinstance(mlp, FFModule)
+            assert isinstance(mlp, FFModule) and points is not None
             u = torch.matmul(by_key, g_in) * ff_in.kappa[:, None, start:stop, None]
             u[:, rows, cols] = ff_in.diag[:, start:stop]
-            vectors = generic_ff.integrated_gradients(
+            ig = generic_ff.integrated_gradients(
                 mlp, u, ff_in.total[:, start:stop], ff_in.bias[:, start:stop], points
             )
             del u
-            hidden = None
+            written = out_norm(ig, per_receiver=False) if out_norm.norms else ig
         if need_ff:
-            _collect(vectors, norms["ff"], sums["ff"], diags["ff"], start, stop, rows, cols)
-        if not (need_res or need_final):
+            assert ig is not None
+            _collect(ig, norms["ff"], sums["ff"], diags["ff"], start, stop, rows, cols)
+        del ig
+        if not need_written:
             continue
+        assert written is not None
         if out_norm.norms:  # the FF output's own chain, linearised at the receiver
-            if hidden is not None:
-                assert closed is not None
-                vectors = torch.matmul(hidden, closed.written(out_norm))
-            else:
-                vectors = out_norm(vectors, per_receiver=False)
-            vectors = vectors * out_kappa[:, None, start:stop, None]
-        del hidden
+            written = written * out_kappa[:, None, start:stop, None]
         residual_parts = torch.matmul(by_key, g_res) * res.kappa[:, None, start:stop, None]
         residual_parts[:, rows, cols] = res.diag[:, start:stop]
-        vectors = vectors + residual_parts
-        del residual_parts
+        vectors = written + residual_parts
+        del residual_parts, written
         if need_res:
             _collect(vectors, norms["res"], sums["res"], diags["res"], start, stop, rows, cols)
         if need_final:
@@ -222,7 +220,9 @@ def whole_layer_maps(
 class _ClosedForm:
     """The closed-form IG of an ``MLPSpec`` over a chunk of pairs (METHODS §3)."""
 
-    def __init__(self, mlp: MLPSpec, ff_in: _Parts, g_in: Tensor, points: int | None) -> None:
+    def __init__(
+        self, mlp: MLPSpec, ff_in: _Parts, g_in: Tensor, points: int | None, out_norm: NormChain
+    ) -> None:
         self.mlp, self.ff_in = mlp, ff_in
         self.d_mlp = mlp.W_in.shape[1]
         self.coefficients = feedforward.ig_coefficients(
@@ -236,14 +236,9 @@ class _ClosedForm:
             *g_in.shape[:-1], -1
         )
         self.first_diag = torch.cat([ff_in.diag @ w for w in weights], dim=-1)  # j = i
-        self._written: tuple[NormChain, Tensor] | None = None
-
-    def written(self, out_norm: NormChain) -> Tensor:
-        """``W_out`` with the FF output's chain ``T''`` applied to each row (linear, so
-        ``(h W_out) T'' = h (W_out T'')``)."""
-        if self._written is None or self._written[0] is not out_norm:
-            self._written = (out_norm, out_norm(self.mlp.W_out, per_receiver=False))
-        return self._written[1]
+        # W_out with the FF output's chain T'' applied to each row (linear, so
+        # (h W_out) T'' = h (W_out T'')); None when the FF writes to the stream directly.
+        self.out_written = out_norm(mlp.W_out, per_receiver=False) if out_norm.norms else None
 
     def chunk(
         self,
@@ -252,10 +247,12 @@ class _ClosedForm:
         stop: int,
         rows: Tensor,
         cols: Tensor,
-        need_ff: bool,
-        out_norm: NormChain,
-    ) -> tuple[Tensor | None, Tensor]:
-        """``(IG_ij, hidden_ij)`` for the chunk's receivers (``IG`` None when not needed)."""
+        need_ig: bool,
+        need_written: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(IG_ij, written_ij)`` for the chunk's receivers: the FF's attribution and the same
+        through the FF output's chain ``T''`` without the receivers' scales (None where not
+        needed); ``[batch, key, chunk, d]`` each."""
         d_mlp = self.d_mlp
         gated = self.mlp.gated
         # u_ij W_in (, u_ij W_gate) up to the receiver's scale K_i: [batch, key, chunk, ·]
@@ -274,10 +271,13 @@ class _ClosedForm:
             diag_in[..., d_mlp:] if gated else None,
             self.coefficients.rows(start, stop, pairs=False),
         )
-        vectors = None
-        if need_ff or not out_norm.norms:
-            vectors = torch.matmul(hidden, self.mlp.W_out)  # IG_ij: [batch, key, chunk, d]
-        return vectors, hidden
+        ig = None
+        if need_ig or (need_written and self.out_written is None):
+            ig = torch.matmul(hidden, self.mlp.W_out)  # IG_ij
+        written = None
+        if need_written:
+            written = ig if self.out_written is None else torch.matmul(hidden, self.out_written)
+        return ig, written
 
 
 def _collect(

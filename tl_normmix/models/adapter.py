@@ -23,7 +23,7 @@ import importlib.metadata
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +67,11 @@ class Source:
 
     hooks: tuple[str, ...]
     combine: Callable[[list[Tensor], int], Tensor] | None = None
+    by_layer: tuple[tuple[str, ...], ...] | None = None  # per-layer hooks where layers differ
 
     def names(self, layer: int) -> list[str]:
-        return [h.format(l=layer) for h in self.hooks]
+        hooks = self.by_layer[layer] if self.by_layer is not None else self.hooks
+        return [h.format(l=layer) for h in hooks]
 
 
 def tl_version() -> str:
@@ -93,10 +95,8 @@ def adapt(model: Any) -> ModelAdapter:
     if cached is not None and cached[0] == key:
         return cached[1]
     adapter = ModelAdapter(model)
-    try:
+    with suppress(TypeError):  # a model that cannot be weakly referenced is not cached
         _ADAPTERS[model] = (key, adapter)
-    except TypeError:
-        pass
     return adapter
 
 
@@ -104,6 +104,7 @@ _B = "blocks.{l}."
 #: Hook suffixes a probe run tries to cache on a TransformerLens 4.x bridge.
 _PROBED = (
     "hook_resid_pre",
+    "attn.hook_v",
     "hook_resid_post",
     "attn.o.hook_out",
     "mlp.hook_in",
@@ -132,7 +133,8 @@ class ModelAdapter:
         self.structure = structure
         self.probe = found
         self.family = structure.family
-        if structure.processed and structure.mlp_kind == "module" and structure.family == "bridge":
+        moe = "module" in (structure.mlp_kind, *structure.layer_mlp_kinds)
+        if structure.processed and moe and structure.family == "bridge":
             warnings.warn(
                 f"{structure.model_name}: TransformerLens's weight processing (compatibility "
                 "mode) changes some mixture-of-experts models (log-probabilities moved by 0.4 on "
@@ -209,12 +211,8 @@ class ModelAdapter:
         rows = tokens if tokens.ndim == 2 else tokens[None]
         if rows.shape[0] < 2 or tokenizer is None or tokenizer.pad_token_id is None:
             return None
-        try:
-            from transformer_lens.utilities import get_attention_mask
-        except ImportError:  # TransformerLens 2.x
-            from transformer_lens.utils import get_attention_mask
         prepend = bool(getattr(self.model.cfg, "default_prepend_bos", True))
-        mask = get_attention_mask(tokenizer, rows, prepend).bool()
+        mask = _tl_attention_mask()(tokenizer, rows, prepend).bool()
         return None if bool(mask.all()) else mask
 
     def _source(self, role: str) -> Source:
@@ -263,7 +261,9 @@ class ModelAdapter:
             block=self.spec.block,
             hooks=hooks,
             W_O=block.attn.W_O.detach().float().to(like.device),
-            b_O=zeros_if_none(block.attn.b_O, self.spec.block.d_model, like).to(like.device),
+            b_O=zeros_if_none(getattr(block.attn, "b_O", None), self.spec.block.d_model, like).to(
+                like.device
+            ),
             norms=norms,
             mlp=self.feed_forward(layer) if mlp_roles else None,
             precision=precision,
@@ -279,8 +279,9 @@ class ModelAdapter:
             want: tuple[int | None, ...]
             if role == "pattern":
                 want = (None, block.n_heads, None, None)
-            elif role == "v":
-                want = (None, None, block.n_kv_heads, block.d_head)
+            elif role == "v":  # value width from W_O (MLA: v_head_dim differs from d_head)
+                d_head = int(self.model.blocks[layer].attn.W_O.shape[1])
+                want = (None, None, block.n_kv_heads, d_head)
             elif role.endswith(".scale"):
                 if tensor.ndim == 2 and tensor.shape[-1] == 1 and "resid_pre" in hooks:
                     # OPT's pre-LN ln2.hook_scale fires flattened: [batch·pos, 1]
@@ -313,7 +314,7 @@ class ModelAdapter:
     # -- the feed-forward block ------------------------------------------------------------------
     def feed_forward(self, layer: int) -> FeedForward:
         """The feed-forward block of ``layer``: closed-form ``MLPSpec`` or a generic module."""
-        kind = self.structure.mlp_kind
+        kind = self.structure.mlp_kind_of(layer)
         if kind is None:
             raise UnsupportedModelError(
                 f"{self.spec.model_name}: the blocks have no feed-forward part."
@@ -332,12 +333,13 @@ class ModelAdapter:
         b_out = zeros_if_none(getattr(module, "b_out", None), d, W_in)
         if kind == "fused_glu":
             gate_first = self.probe is None or self.probe.glu_gate_first
-            (gate, linear) = W_in.chunk(2, dim=-1) if gate_first else W_in.chunk(2, dim=-1)[::-1]
-            (b_gate, b_lin) = b_in.chunk(2) if gate_first else b_in.chunk(2)[::-1]
+            halves, biases = W_in.chunk(2, dim=-1), b_in.chunk(2)
+            gate, linear = halves if gate_first else halves[::-1]
+            b_gate, b_lin = biases if gate_first else biases[::-1]
             return MLPSpec(fn, description, linear, b_lin, W_out, b_out, gate, b_gate)
         if kind == "gated":
             W_gate = module.W_gate.detach().float()
-            b_gate = getattr(module, "b_gate", None) if self.family == "bridge" else None
+            gate_bias = getattr(module, "b_gate", None) if self.family == "bridge" else None
             return MLPSpec(
                 fn,
                 description,
@@ -346,7 +348,7 @@ class ModelAdapter:
                 W_out,
                 b_out,
                 W_gate,
-                b_gate.detach().float() if b_gate is not None else None,
+                gate_bias.detach().float() if gate_bias is not None else None,
                 bias_after_gate=self.family != "bridge",
             )
         return MLPSpec(fn, description, W_in, b_in, W_out, b_out)
@@ -373,6 +375,18 @@ def _refuse_known_defects(model: Any, structure: Structure) -> None:
             "model). Nothing of tl_normmix can be trusted on it; use a TransformerLens release "
             "that fixes this."
         )
+
+
+def _tl_attention_mask() -> Callable[..., Tensor]:
+    """TransformerLens's own ``get_attention_mask`` (``utilities`` in 4.x, ``utils`` in 2.x)."""
+    import importlib
+
+    for module in ("transformer_lens.utilities", "transformer_lens.utils"):
+        try:
+            return importlib.import_module(module).get_attention_mask
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError("TransformerLens has no get_attention_mask")
 
 
 def _n_kv_heads(model: Any, n_heads: int) -> int:
@@ -437,14 +451,13 @@ def _bridge_sources(
     model: Any, structure: Structure, layout: BlockLayout, found: Probe
 ) -> dict[str, Source]:
     ok = found.cached
-    known = {name[len("blocks.0.") :] for name in model.hook_dict if name.startswith("blocks.0.")}
 
     def hook(suffix: str) -> Source | None:
         return Source((_B + suffix,)) if suffix in ok else None
 
     out: dict[str, Source | None] = {
         "pattern": Source((_B + "attn.hook_pattern",)),
-        "v": Source((_B + "attn.hook_v",)),
+        "v": Source((_B + "attn.hook_v",), _heads_second if found.v_heads_first else None),
         "attn_out": Source((_B + "attn.o.hook_out",)),
         "resid_pre": Source((_B + "hook_resid_pre",)),
     }
@@ -456,14 +469,21 @@ def _bridge_sources(
         out["resid_post"] = hook("hook_resid_post") or out[f"{layout.post[-1]}.out"]
     else:
         out["resid_post"] = hook("hook_resid_post")
+    kinds = [structure.mlp_kind_of(layer) for layer in range(structure.n_layers)]
+    pure = "mlp.out.hook_out"
     if structure.mlp_kind is not None:
         out["mlp_in"] = hook("mlp.hook_in")
-        pure = "mlp.out.hook_out" if "mlp.out.hook_out" in known else "mlp.hook_out"
-        out["mlp_out"] = Source((_B + pure,))
-        if structure.mlp_kind != "module":
+        # the pure FF output: mlp.out.hook_out where the MLP has an output projection (BLOOM's
+        # mlp.hook_out adds the residual), mlp.hook_out for a mixture of experts
+        per_layer = tuple(
+            (_B + (pure if f"blocks.{layer}.{pure}" in model.hook_dict else "mlp.hook_out"),)
+            for layer in range(structure.n_layers)
+        )
+        out["mlp_out"] = Source(per_layer[0], by_layer=per_layer)
+        if any(kind not in ("module", None) for kind in kinds):
             out["mlp_pre"] = hook("mlp.hook_pre")
             out["mlp_post"] = hook("mlp.hook_post")
-            if structure.mlp_kind == "gated":
+            if "gated" in kinds:
                 out["mlp_pre_linear"] = hook("mlp.hook_pre_linear")
     if layout.post:
         first = layout.post[0]
@@ -471,7 +491,11 @@ def _bridge_sources(
         if out["post_in"] is None and not layout.mlp_in and not layout.mlp_out and out["mlp_in"]:
             # OPT-350m: caching ln2.hook_in breaks the run; its input is the FF input (the stream
             # after ln1) plus the pure FF output.
-            out["post_in"] = Source((_B + "mlp.hook_in", _B + pure), lambda ts, _: ts[0] + ts[1])
+            out["post_in"] = Source(
+                (_B + "mlp.hook_in", _B + pure),
+                lambda ts, _: ts[0] + ts[1],
+                by_layer=tuple((_B + "mlp.hook_in", *o) for o in out["mlp_out"].by_layer or ()),
+            )
     return {role: source for role, source in out.items() if source is not None}
 
 
@@ -488,7 +512,9 @@ def _hooked_sources(model: Any, structure: Structure, layout: BlockLayout) -> di
     }
     sandwich = bool(layout.attn_out)
     if sandwich:
-        out["attn_out"] = Source((_B + "attn.hook_z",), lambda ts, l: _attn_from_z(model, ts[0], l))
+        out["attn_out"] = Source(
+            (_B + "attn.hook_z",), lambda ts, layer: _attn_from_z(model, ts[0], layer)
+        )
     else:
         out["attn_out"] = Source((_B + "hook_attn_out",))
     for norm in layout.norms:
@@ -499,7 +525,7 @@ def _hooked_sources(model: Any, structure: Structure, layout: BlockLayout) -> di
             out["mlp_out"] = Source((_B + "hook_mlp_out",))
         elif structure.mlp_kind != "module":
             out["mlp_out"] = Source(
-                (_B + "mlp.hook_post",), lambda ts, l: _mlp_from_post(model, ts[0], l)
+                (_B + "mlp.hook_post",), lambda ts, layer: _mlp_from_post(model, ts[0], layer)
             )
         if structure.mlp_kind != "module":
             out["mlp_pre"] = Source((_B + "mlp.hook_pre",))
@@ -537,9 +563,14 @@ def _hooked_norm_out(model: Any, norm: str) -> Source:
     if type(module).__name__ == "RMSNorm":  # hook_normalized is x / s: γ comes after
         return Source(
             (_B + f"{norm}.hook_normalized",),
-            lambda ts, l: ts[0] * getattr(model.blocks[l], norm).w.detach().float(),
+            lambda ts, layer: ts[0] * getattr(model.blocks[layer], norm).w.detach().float(),
         )
     return Source((_B + f"{norm}.hook_normalized",))
+
+
+def _heads_second(tensors: list[Tensor], layer: int) -> Tensor:
+    """``[batch, head, pos, d_head]`` (the MLA bridge's hook_v) as ``[batch, pos, head, d_head]``."""
+    return tensors[0].transpose(1, 2)
 
 
 def _attn_from_z(model: Any, z: Tensor, layer: int) -> Tensor:

@@ -145,7 +145,7 @@ def _check_feed_forward(
                 f"the activation tl_normmix found on the model ({mlp.act_name}) does not "
                 "reproduce mlp.hook_post from mlp.hook_pre",
             )
-    u = t["mlp_in"] if "mlp_in" in t else rebuilt_in
+    u = t.get("mlp_in", rebuilt_in)
     if u is None or mlp is None:
         return
     with torch.no_grad():

@@ -36,6 +36,7 @@ __all__ = ["Probe", "probe"]
 #: wrong candidates are O(1) off). Half-precision models get the looser bound.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
 _HALF_TOLERANCE = 2e-2
+_CLOSED = ("dense", "gated", "fused_glu")  # feed-forward kinds with an activation to find
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Probe:
     post_ln: bool
     activation: tuple[str, Callable[[Tensor], Tensor]] | None  # (description, callable)
     glu_gate_first: bool  # fused GLU: act is applied to the first half of hook_pre
+    v_heads_first: bool  # hook_v is [batch, head, pos, d_head] (the MLA bridge), not [b, p, h, d]
     cached: frozenset[str]  # hook suffixes ("ln2.hook_in", ...) that fire and can be cached
     broken: frozenset[str]  # hook suffixes that make run_with_cache fail when cached
 
@@ -73,10 +75,13 @@ def probe(model: Any, structure: Structure, candidates: Iterable[str]) -> Probe:
     fired = {_local(name) for name in cache if name.startswith("blocks.0.")}
     post = structure.ambiguous and _reads_attention_output(cache, n_layers, structure)
     activation, gate_first = _activation(cache, n_layers, structure)
+    v = cache.get("blocks.0.attn.hook_v")
+    heads_first = v is not None and v.ndim == 4 and v.shape[1] != tokens.shape[1]
     return Probe(
         post_ln=post,
         activation=activation,
         glu_gate_first=gate_first,
+        v_heads_first=heads_first,
         cached=frozenset(fired - broken),
         broken=frozenset(broken),
     )
@@ -84,7 +89,9 @@ def probe(model: Any, structure: Structure, candidates: Iterable[str]) -> Probe:
 
 def _tokens(model: Any) -> Tensor:
     vocab = int(model.cfg.d_vocab)
-    ids = [(11 + 37 * k) % vocab for k in range(6)]
+    heads = {int(model.cfg.n_heads), int(getattr(model.cfg, "n_key_value_heads", None) or 0)}
+    length = next(n for n in (7, 11, 13) if n not in heads)  # tells positions from heads apart
+    ids = [(11 + 37 * k) % vocab for k in range(length)]
     device = getattr(model.cfg, "device", None) or "cpu"
     return torch.tensor([ids], device=device)
 
@@ -104,7 +111,7 @@ def _run(
                 "run_with_cache to work."
             ) from err
         return None
-    return {name: cache[name] for name in cache.keys()}
+    return dict(cache.items())
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -138,10 +145,12 @@ def _reads_attention_output(cache: dict[str, Tensor], n_layers: int, s: Structur
 def _activation(
     cache: dict[str, Tensor], n_layers: int, s: Structure
 ) -> tuple[tuple[str, Callable[[Tensor], Tensor]] | None, bool]:
-    if s.mlp_kind not in ("dense", "gated", "fused_glu"):
+    closed = [layer for layer in range(n_layers) if s.mlp_kind_of(layer) in _CLOSED]
+    if not closed:
         return None, False
+    kind = s.mlp_kind_of(closed[0])
     pairs = []
-    for layer in range(n_layers):
+    for layer in closed:
         prefix = f"blocks.{layer}.mlp."
         pre, post = cache.get(prefix + "hook_pre"), cache.get(prefix + "hook_post")
         linear = cache.get(prefix + "hook_pre_linear")
@@ -153,9 +162,9 @@ def _activation(
     for description, act in s.act_candidates:
         if not is_elementwise(act):
             continue
-        for gate_first in (True, False) if s.mlp_kind == "fused_glu" else (True,):
+        for gate_first in (True, False) if kind == "fused_glu" else (True,):
             if all(
-                _rel(_hidden(act, pre, linear, s.mlp_kind, gate_first), post.float()) < tolerance
+                _rel(_hidden(act, pre, linear, kind, gate_first), post.float()) < tolerance
                 for pre, linear, post in pairs
             ):
                 return (description, act), gate_first

@@ -51,10 +51,14 @@ class Structure:
     layout: BlockLayout
     ambiguous: bool  # plain ln1 + ln2 blocks: pre- or post-LN is decided by a probe run
     multiplier: float | None
-    mlp_kind: str | None  # "dense", "gated", "fused_glu", "module", None (attention only)
+    mlp_kind: str | None  # "dense", "gated", "fused_glu", "module", "mixed", None (no FF)
     act_candidates: tuple[tuple[str, Callable[[Tensor], Tensor]], ...] = field(repr=False)
     causal: bool = True
     processed: bool = False
+    layer_mlp_kinds: tuple[str | None, ...] = ()  # per layer (DeepSeek: dense first, then MoE)
+
+    def mlp_kind_of(self, layer: int) -> str | None:
+        return self.layer_mlp_kinds[layer] if self.layer_mlp_kinds else self.mlp_kind
 
 
 def family(model: Any) -> str:
@@ -117,15 +121,25 @@ def _bridge(model: Any) -> Structure:
     shapes = [_block_shape(model, layer, block) for layer, block in enumerate(model.blocks)]
     first = shapes[0]
     for layer, shape in enumerate(shapes):
-        if shape != first:
+        if shape[:3] != first[:3]:
             raise _refuse(
                 model,
-                f"its blocks differ in structure (layer 0: {first}, layer {layer}: {shape})",
+                f"its blocks differ in structure (layer 0: {first[:3]}, layer {layer}: "
+                f"{shape[:3]})",
                 "tl_normmix needs every block of one layout; nothing of it works on this model.",
             )
-    parallel, norms, multiplier, mlp_kind = first
-    layout, ambiguous = _bridge_layout(parallel, norms, multiplier, mlp_kind is not None)
-    mlp = model.blocks[0].mlp if mlp_kind is not None else None
+    kinds = tuple(shape[3] for shape in shapes)
+    if len(set(kinds)) > 1 and None in kinds:
+        raise _refuse(
+            model,
+            "some blocks have a feed-forward part and some do not",
+            "Nothing of tl_normmix works on this model yet.",
+        )
+    mlp_kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
+    parallel, norms, multiplier = first[:3]
+    layout, ambiguous = _bridge_layout(parallel, norms, multiplier, kinds[0] is not None)
+    dense = [layer for layer, kind in enumerate(kinds) if kind not in (None, "module")]
+    mlp = model.blocks[dense[0]].mlp if dense else None
     return Structure(
         family="bridge",
         model_name=_name(model),
@@ -141,6 +155,7 @@ def _bridge(model: Any) -> Structure:
         act_candidates=_act_candidates(mlp, str(getattr(cfg, "act_fn", ""))),
         causal=str(getattr(cfg, "attention_dir", "causal")) == "causal",
         processed=bool(getattr(model, "_weights_processed", False)),
+        layer_mlp_kinds=kinds,
     )
 
 
@@ -150,13 +165,6 @@ def _block_shape(
     """``(parallel, norm slots, multiplier, MLP kind)`` of one block bridge."""
     classes = _classes(block)
     subs = dict(getattr(block, "submodules", {}) or {})
-    if "MLABlockBridge" in classes:
-        raise _refuse(
-            model,
-            f"layer {layer} uses multi-head latent attention (no per-head value vectors "
-            "f^h(x_j) = v^h_j W_O^h to decompose)",
-            "Nothing of tl_normmix works on this model yet.",
-        )
     if "attn" not in subs:
         raise _refuse(
             model,
