@@ -488,13 +488,15 @@ def _bridge_sources(
     if layout.post:
         first = layout.post[0]
         out["post_in"] = out[f"{first}.in"]
-        if out["post_in"] is None and not layout.mlp_in and not layout.mlp_out and out["mlp_in"]:
+        mlp_out = out.get("mlp_out")
+        simple = not layout.mlp_in and not layout.mlp_out and out.get("mlp_in") is not None
+        if out["post_in"] is None and simple and mlp_out is not None:
             # OPT-350m: caching ln2.hook_in breaks the run; its input is the FF input (the stream
             # after ln1) plus the pure FF output.
             out["post_in"] = Source(
-                (_B + "mlp.hook_in", _B + pure),
+                (_B + "mlp.hook_in", *mlp_out.hooks),
                 lambda ts, _: ts[0] + ts[1],
-                by_layer=tuple((_B + "mlp.hook_in", *o) for o in out["mlp_out"].by_layer or ()),
+                by_layer=tuple((_B + "mlp.hook_in", *o) for o in mlp_out.by_layer or ()),
             )
     return {role: source for role, source in out.items() if source is not None}
 
@@ -569,7 +571,7 @@ def _hooked_norm_out(model: Any, norm: str) -> Source:
 
 
 def _heads_second(tensors: list[Tensor], layer: int) -> Tensor:
-    """``[batch, head, pos, d_head]`` (the MLA bridge's hook_v) as ``[batch, pos, head, d_head]``."""
+    """The MLA bridge's hook_v ``[batch, head, pos, d_head]`` as ``[batch, pos, head, d_head]``."""
     return tensors[0].transpose(1, 2)
 
 
