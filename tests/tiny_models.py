@@ -475,7 +475,7 @@ TL2_FAMILIES = {
     "bert": "post_ln",
     "parallel": "parallel",
     "gemma2": "sandwich",
-    "no_norm": "pre_ln",
+    "no_norm": "unnormalised",
     "attn_only": "pre_ln_attention_only",
     "moe": "pre_ln",
     "solu_ln": "pre_ln",

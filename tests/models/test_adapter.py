@@ -112,7 +112,7 @@ def check_residual_stream(layers, name: str, m: float = 1.0) -> None:
                 return t[f"{norm}.out"]
             return t.norms[norm].apply(x, t.scale(norm))
 
-        if name in ("pre_ln", "parallel", "parallel_shared_norm", "pre_ln_scaled"):
+        if name in ("pre_ln", "parallel", "parallel_shared_norm", "pre_ln_scaled", "unnormalised"):
             post = r + m * attn + m * mlp
             if not name.startswith("parallel") and "ln2.in" in t:
                 assert_rel_close(t["ln2.in"], r + m * attn, what="resid_mid")

@@ -131,7 +131,9 @@ class BlockLayout:
     def name(self) -> str:
         """A short description for reports and errors (``pre_ln``, ``post_ln``, ...)."""
         norms = [n for n in (*self.attn_out, *self.mlp_out) if n != MULTIPLIER]
-        if self.parallel:
+        if not [n for n in self.norms if n != MULTIPLIER]:
+            base = "unnormalised"
+        elif self.parallel:
             base = "parallel" if self.mlp_in != self.attn_in else "parallel_shared_norm"
         elif self.post or self.mid:
             base = "post_ln"
