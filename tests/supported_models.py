@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny_models  # noqa: E402  (after the path set-up above)
+import tiny_models
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- supported-models:begin -->", "<!-- supported-models:end -->"

@@ -26,7 +26,7 @@ from tl_normmix.decompose.attention_block import ATTENTION_STAGES, layer_maps, m
 from tl_normmix.decompose.blocks import LayerTensors
 from tl_normmix.decompose.whole_layer import WHOLE_LAYER_STAGES, FFOptions, whole_layer_maps
 from tl_normmix.models.adapter import ModelAdapter, adapt
-from tl_normmix.models.checks import verify_layer
+from tl_normmix.models.checks import sample_rows, verify_layer
 from tl_normmix.models.errors import MissingHookError
 from tl_normmix.scopes import (
     VALUE_NORM_ROLES,
@@ -200,7 +200,9 @@ def mixing_maps(
         )
         if mask is None:
             mask = _mask(adapter, attention_mask, tokens, tensors)
-        if verify:
+        rows = sample_rows(mask) if verify else None
+        result = layer_maps(tensors, mask, attention_stages, value_norms, rows)
+        if verify:  # the maps' pass rebuilt the sampled rows of the attention output
             checked[layer] = verify_layer(
                 tensors,
                 mask,
@@ -208,8 +210,8 @@ def mixing_maps(
                 precision=tensors.precision,
                 model_name=adapter.spec.model_name,
                 causal=adapter.spec.causal,
+                rows_output=result.rows_output,
             )
-        result = layer_maps(tensors, mask, attention_stages, value_norms)
         if whole:
             assert result.pattern is not None
             extra = whole_layer_maps(tensors, result.pattern, mask, whole, options)

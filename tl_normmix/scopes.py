@@ -118,13 +118,13 @@ def scope_roles(scope: Scope, layout: BlockLayout) -> frozenset[str]:
 
 def check_roles(scopes: Iterable[Scope], layout: BlockLayout) -> frozenset[str]:
     """Roles the self-check reads besides the maps' own (each used only where the model has it):
-    the scales, inputs and outputs of the norms up to the feed-forward input (and, for
-    whole-layer scopes, after it), the feed-forward input and the activation hooks."""
+    the scales, inputs and outputs of the norms the maps use up to the feed-forward input (and,
+    for whole-layer scopes, after it), the feed-forward input and the activation hooks."""
     stages = {stage_of(s, layout) for s in scopes}
     if stages <= {Stage.WEIGHTS, Stage.WEIGHTS_RES, Stage.ATTN}:
         return frozenset()
     whole = bool(stages & {Stage.FF, Stage.FF_RES, Stage.OUT})
-    chains = [layout.attn_in, layout.attn_out, layout.mid, layout.mlp_in]
+    chains = [layout.attn_out, layout.mid, layout.mlp_in]
     if whole:
         chains += [layout.mlp_out, layout.post]
     roles = {
@@ -134,10 +134,8 @@ def check_roles(scopes: Iterable[Scope], layout: BlockLayout) -> frozenset[str]:
         if name != MULTIPLIER
         for part in ("scale", "in", "out")
     }
-    if layout.has_mlp:
-        roles.add("mlp_in")
-        if whole:
-            roles |= {"mlp_pre", "mlp_pre_linear", "mlp_post"}
+    if layout.has_mlp and whole:
+        roles |= {"mlp_in", "mlp_pre", "mlp_pre_linear", "mlp_post"}
     return frozenset(roles)
 
 

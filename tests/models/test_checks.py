@@ -43,9 +43,10 @@ def test_every_identity_holds_and_is_kept(model):
         layout = nm.adapt(model).layout
         if layout.has_mlp:
             assert "feed-forward output" in residuals
-        for norm in layout.norms:
-            if norm != "residual_multiplier":  # an nn.Identity slot has no scale to check
-                assert {f"{norm} scale", f"{norm} input"} & set(residuals), norm
+        used = {*layout.attn_out, *layout.mid, *layout.mlp_in, *layout.mlp_out, *layout.post}
+        for norm in used - {"residual_multiplier"}:  # attn_in is inside f^h(x_j): not used
+            # an nn.Identity slot has no scale to check, only its input
+            assert {f"{norm} scale", f"{norm} input"} & set(residuals), norm
 
 
 def test_attention_scopes_check_what_they_use(model):

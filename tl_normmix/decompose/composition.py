@@ -7,8 +7,8 @@ other tensor of the block (METHODS §2–3):
     sequential:  A' = attn_out(A);  h = mid(r + A');  u = mlp_in(h);  y = post(h + mlp_out(M))
     parallel:    A' = attn_out(A);  u = mlp_in(r);    y = post(r + A' + mlp_out(M))
 
-``recompose`` returns, for each norm, the input it must read and the output it must give; ``u``
-(the feed-forward input) and ``y`` (the block output). These are the identities the maps rest on;
+``recompose`` returns, for each norm, the input it must read (and the output it gives, where the
+rebuild needed it); ``u`` (the feed-forward input) and ``y`` (the block output). These are the identities the maps rest on;
 ``models.checks`` compares them with the cache.
 """
 
@@ -36,27 +36,29 @@ class Recomposed:
 
 def recompose(t: LayerTensors, *, through_ff: bool) -> Recomposed:
     """Rebuild the layer from ``resid_pre``, ``attn_out`` and the scales (and ``mlp_out`` when
-    ``through_ff``; then also the block output). Stops where ``t`` lacks a scale it would need."""
+    ``through_ff``; then also the feed-forward input and the block output). Stops where ``t``
+    lacks a scale it would need."""
     layout = t.layout
     out = Recomposed()
 
-    def chain(names: tuple[str, ...], z: Tensor | None) -> Tensor | None:
-        for name in names:
+    def chain(names: tuple[str, ...], z: Tensor | None, *, last: bool = False) -> Tensor | None:
+        for index, name in enumerate(names):
             if z is None or f"{name}.scale" not in t:
                 return None
             out.norm_in[name] = z
+            if last and index == len(names) - 1:
+                return None  # nothing reads this norm's output here: left to the caller
             z = t.norms[name].apply(z, t.scale(name))
             out.norm_out[name] = z
         return z
 
     r = t["resid_pre"]
-    chain(layout.attn_in, r)  # inside f^h(x_j): only checked
     attention = chain(layout.attn_out, t["attn_out"])
     stream: Tensor | None = r
     if not layout.parallel:
         stream = chain(layout.mid, r + attention if attention is not None else None)
     if layout.has_mlp:
-        out.mlp_in = chain(layout.mlp_in, stream)
+        out.mlp_in = chain(layout.mlp_in, stream, last=not through_ff)
     if not through_ff or stream is None or attention is None:
         return out
     y: Tensor | None = stream + attention if layout.parallel else stream
