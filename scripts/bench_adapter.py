@@ -7,8 +7,9 @@
    spent inside ``models.checks.verify_layer`` is summed by wrapping it. Reported: the fastest of
    the repeats (least disturbed by other load) of the maps without and with the check and of the
    check's own time, the check's share of the maps time, and the end-to-end overhead (which also
-   holds the sampled rows of the attention output rebuilt during the maps' pass over the sources). For the five
-   attention-block scopes (all layers) and for ``layer_n`` (``--whole-layers`` layers).
+   holds the sampled rows of the attention output rebuilt during the maps' pass over the
+   sources). For the five attention-block scopes (all layers) and for ``layer_n``
+   (``--whole-layers`` layers).
 2. **Generic feed-forward path against the closed form**: one layer's ``whole_layer_maps`` with
    the MLP as an ``MLPSpec`` (closed form) and as an opaque ``FFModule`` of the same function
    (32-point Gauss–Legendre quadrature of forward-mode derivatives), same process, same tensors;

@@ -8,8 +8,8 @@ other tensor of the block (METHODS §2–3):
     parallel:    A' = attn_out(A);  u = mlp_in(r);    y = post(r + A' + mlp_out(M))
 
 ``recompose`` returns, for each norm, the input it must read (and the output it gives, where the
-rebuild needed it); ``u`` (the feed-forward input) and ``y`` (the block output). These are the identities the maps rest on;
-``models.checks`` compares them with the cache.
+rebuild needed it); ``u`` (the feed-forward input) and ``y`` (the block output). These are the
+identities the maps rest on; ``models.checks`` compares them with the cache.
 """
 
 from __future__ import annotations
