@@ -139,11 +139,11 @@ def reference_maps(model: Any, cache: Any, scopes: tuple[str, ...]) -> dict[str,
 
     import tl_normmix as nm
     from tl_normmix.maps import _roles
-    from tl_normmix.scopes import NORM_CHAINS, resolve_scopes
+    from tl_normmix.scopes import SCOPES, resolve_scopes
 
     adapter = nm.adapt(model)
-    kind = adapter.spec.block.kind
-    roles = _roles(resolve_scopes(scopes), kind, False)
+    layout = adapter.layout
+    roles = _roles(resolve_scopes(scopes), adapter, False)
     maps: dict[str, list[Any]] = {}
     heads: dict[str, list[Any]] = {}
     ratios: dict[str, list[Any]] = {}
@@ -182,13 +182,13 @@ def reference_maps(model: Any, cache: Any, scopes: tuple[str, ...]) -> dict[str,
                 continue
             parts = torch.einsum("bhij,bjhm->bijm", alpha, f)  # [b, i, j, d]
             if scope != "attn_n":
-                pre, post = NORM_CHAINS[(scope, kind)]
+                pre, post = layout.chains(SCOPES[scope].stage)
                 for name in pre:
-                    parts = t.norms[name].linear(parts, t[f"{name}.scale"][:, :, None, :])
+                    parts = t.norms[name].linear(parts, t.scale(name)[:, :, None, :])
                 diag = torch.eye(parts.shape[1], dtype=torch.bool)[None, :, :, None]
                 parts = parts + diag * t["resid_pre"][:, :, None, :]
                 for name in post:
-                    parts = t.norms[name].linear(parts, t[f"{name}.scale"][:, :, None, :])
+                    parts = t.norms[name].linear(parts, t.scale(name)[:, :, None, :])
             norm, ratio = norms_and_ratio(parts)
             del parts
             keep(maps, scope, norm)

@@ -46,25 +46,24 @@ STEPS = 20
 def riemann_layer(model: Any, cache: Any, steps: int = STEPS) -> Any:
     """Layer 0's ‖IG_ij‖ by a plain Riemann sum over materialised per-pair parts."""
     import torch
-    from tl_normmix.activations import activation
-    from tl_normmix.feedforward import derivative
 
     import tl_normmix as nm
-    from tl_normmix.scopes import NORM_CHAINS
+    from tl_normmix.decompose.blocks import Stage
+    from tl_normmix.decompose.feedforward import derivative
 
     adapter = nm.adapt(model)
     roles = {"pattern", "v", "attn_out", "resid_pre", "mlp_out", "ln2.scale"}
     t = adapter.read(cache, 0, roles)
     mlp = t.mlp
-    _, post = NORM_CHAINS[("attnresln_n", t.spec.kind)]
-    norm, scale = t.norms[post[0]], t[f"{post[0]}.scale"]
+    _, post = t.layout.chains(Stage.ATTN_RES_LN)
+    norm, scale = t.norms[post[0]], t.scale(post[0])
     f = torch.einsum("bjhd,hdm->bjhm", t.v, t.W_O)
     parts = torch.einsum("bhij,bjhm->bijm", t.pattern, f)  # [b, i, j, d]
     eye = torch.eye(parts.shape[1], dtype=torch.bool)[None, :, :, None]
     parts = norm.linear(parts + eye * t["resid_pre"][:, :, None, :], scale[:, :, None, :])
     bias = norm.apply(t.b_O.expand_as(t["resid_pre"]), scale)
     total = parts.sum(2)
-    act = activation(mlp.act_fn)
+    act = mlp.act
     pre = parts @ mlp.W_in  # [b, i, j, d_ff]
     out = torch.zeros_like(parts)
     for s in range(steps):  # per step: the gradient at u_i(t), applied to every pair's part
@@ -93,7 +92,7 @@ def worker(folder: str, task: str, n: int, repeats: int) -> dict:
     from transformer_lens.model_bridge import TransformerBridge
 
     import tl_normmix as nm
-    from tl_normmix import whole_layer
+    from tl_normmix.decompose import whole_layer
 
     torch.manual_seed(0)
     with torch.no_grad():
@@ -119,7 +118,7 @@ def worker(folder: str, task: str, n: int, repeats: int) -> dict:
         chunk = min(
             n,
             whole_layer.DEFAULT_BUDGET_BYTES
-            // whole_layer.chunk_bytes(1, n, 1, D_MODEL, D_MLP, False),
+            // whole_layer.chunk_bytes(1, n, 1, D_MODEL, D_MLP),
         )
         extra = (
             {"chunk": chunk, "matmul_gflops": matmul_gflops(n * chunk)} if task == "maps" else {}
@@ -145,7 +144,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import transformers
-    from tl_normmix.feedforward import flops_per_pair
+
+    from tl_normmix.decompose.feedforward import flops_per_pair
 
     results: dict[tuple[int, str], dict | str] = {}
     with tempfile.TemporaryDirectory(prefix="bench_gpt2_") as folder:

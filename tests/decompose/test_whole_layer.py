@@ -255,3 +255,22 @@ def test_generic_path_on_mixtures_of_experts(family, hf_root):
         smooth = residual[index] < 1e-4  # receivers whose path crosses no routing switch
         got = maps["attnreslnff_n"][index][smooth]
         assert_rel_close(got, ig.norm(dim=-1)[smooth].float(), rtol=2e-3, what=f"{family} {index}")
+
+
+def test_a_module_that_cannot_be_called_alone_is_refused_naming_the_layer(hf_root, monkeypatch):
+    """The generic path calls the model's own FF module on token vectors; one that needs more
+    than its input is refused with the layer named, and attention-block scopes still work."""
+    family = "mixtral" if TL_MAJOR >= 4 else "moe"
+    model = build(Case(family, "raw"), hf_root, fresh=True)
+    mlp = model.blocks[1].mlp
+    module = getattr(mlp, "original_component", mlp)
+
+    def needs_more(*args, **kwargs):
+        raise TypeError("forward() missing 1 required positional argument: 'router_state'")
+
+    _, cache = run_with_cache(model, tokens(), names_filter=nm.hook_filter(model, "layer_n"))
+    monkeypatch.setattr(module, "forward", needs_more)  # after the run: only tl_normmix calls it
+    expected = r"layer 1: the feed-forward module .*cannot be called on its own.*still work"
+    with pytest.raises(nm.UnsupportedModelError, match=expected):
+        nm.mixing_maps(model, cache, "layer_n", layers=[1], verify=False)
+    assert nm.mixing_maps(model, cache, "attnres_n", layers=[1])["attnres_n"].isfinite().all()

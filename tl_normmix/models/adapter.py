@@ -601,7 +601,15 @@ def _module_ff(model: Any, structure: Structure, layer: int) -> FFModule:
     dtype = param.dtype if param is not None else torch.float32
 
     def forward(u: Tensor) -> Tensor:
-        out = module(u.reshape(1, -1, u.shape[-1]).to(dtype))
+        try:
+            out = module(u.reshape(1, -1, u.shape[-1]).to(dtype))
+        except Exception as err:
+            raise UnsupportedModelError(
+                f"{structure.model_name}, layer {layer}: the feed-forward module "
+                f"({type(module).__name__}) cannot be called on its own ({type(err).__name__}: "
+                f"{err}), so whole-layer scopes are not available; attention-block scopes still "
+                "work."
+            ) from err
         out = out[0] if isinstance(out, tuple) else out
         return out.reshape(u.shape).float()
 
