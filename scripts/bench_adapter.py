@@ -6,10 +6,8 @@
    with ``verify=False`` and ``verify=True`` alternately, ``--repeats`` times each, and the time
    spent inside ``models.checks.verify_layer`` is summed by wrapping it. Reported: the fastest of
    the repeats (least disturbed by other load) of the maps without and with the check and of the
-   check's own time, the check's share of the maps time, and the end-to-end overhead (which also
-   holds the sampled rows of the attention output rebuilt during the maps' pass over the
-   sources). For the five attention-block scopes (all layers) and for ``layer_n``
-   (``--whole-layers`` layers).
+   check's own time, the check's share of the maps time, and the end-to-end overhead. For the
+   five attention-block scopes (all layers) and for ``layer_n`` (``--whole-layers`` layers).
 2. **Generic feed-forward path against the closed form**: one layer's ``whole_layer_maps`` with
    the MLP as an ``MLPSpec`` (closed form) and as an opaque ``FFModule`` of the same function
    (32-point Gauss–Legendre quadrature of forward-mode derivatives), same process, same tensors;
@@ -133,7 +131,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--whole-layers", type=int, default=2)
-    parser.add_argument("--generic-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--generic-sizes", type=int, nargs="*", default=[16, 64])
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ from tl_normmix.decompose.attention_block import ATTENTION_STAGES, layer_maps, m
 from tl_normmix.decompose.blocks import LayerTensors
 from tl_normmix.decompose.whole_layer import WHOLE_LAYER_STAGES, FFOptions, whole_layer_maps
 from tl_normmix.models.adapter import ModelAdapter, adapt
-from tl_normmix.models.checks import sample_rows, verify_layer
+from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.errors import MissingHookError
 from tl_normmix.scopes import (
     VALUE_NORM_ROLES,
@@ -200,9 +200,8 @@ def mixing_maps(
         )
         if mask is None:
             mask = _mask(adapter, attention_mask, tokens, tensors)
-        rows = sample_rows(mask) if verify else None
-        result = layer_maps(tensors, mask, attention_stages, value_norms, rows)
-        if verify:  # the maps' pass rebuilt the sampled rows of the attention output
+        result = layer_maps(tensors, mask, attention_stages, value_norms)
+        if verify:  # after the attention-block maps, whose tensors are still in the CPU cache
             checked[layer] = verify_layer(
                 tensors,
                 mask,
@@ -210,7 +209,6 @@ def mixing_maps(
                 precision=tensors.precision,
                 model_name=adapter.spec.model_name,
                 causal=adapter.spec.causal,
-                rows_output=result.rows_output,
             )
         if whole:
             assert result.pattern is not None

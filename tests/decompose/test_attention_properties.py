@@ -196,19 +196,6 @@ def test_head_summed_norms_match_materialised_sum(
     _close(norms, expected)
 
 
-@SETTINGS
-@given(seeds, batches, heads, positions, d_heads, d_models, st.integers(1, 7), st.data())
-def test_sampled_rows_of_the_attention_output_come_with_the_source_pass(
-    seed, batch, n_heads, pos, d_head, d_model, chunk, data
-):
-    """The self-check's rows: Σ_j Σ_h α^h_rj f^h_j from the chunked source pass equals the full
-    attention output at those rows, for any chunk size and any set of rows."""
-    _, pattern, v, W_O, _ = _inputs(seed, batch, n_heads, pos, d_head, d_model)
-    rows = torch.tensor(data.draw(st.lists(st.integers(0, pos - 1), min_size=1, max_size=4)))
-    terms = attention.source_terms(pattern, v, W_O, [None], chunk_size=chunk, rows=rows)
-    _close(terms.rows_output, attention.mixed_output(pattern, v, W_O)[:, rows])
-
-
 def _through(chain: NormChain, parts: torch.Tensor) -> torch.Tensor:
     """Apply each norm of ``chain`` to ``parts`` [b, i, j, d] with the receiver i's scale."""
     for norm, scale in chain.norms:

@@ -92,7 +92,7 @@ def test_notebook_repr_is_a_fragment_with_the_bundle():
 @pytest.mark.parametrize("name", ["page", "fragment"])
 def test_snapshot(name):
     """The page's own markup (bundle left out) with fixed ids. To accept a deliberate change:
-    TL_NORMMIX_UPDATE_SNAPSHOTS=1 pytest tests/test_page.py, then review the diff."""
+    TL_NORMMIX_UPDATE_SNAPSHOTS=1 pytest tests/render/test_page.py, then review the diff."""
     items = _items()
     if name == "page":
         html = page.page(items, title="snapshot", new_id=page.sequential_ids(), inline_bundle=False)

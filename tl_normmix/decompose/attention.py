@@ -148,7 +148,6 @@ class SourceTerms:
     factors: list[Float[Tensor, "batch key_pos head_index head_index"]]  # one per transform
     own: Float[Tensor, "batch pos d_model"]  # Σ_h α^h_ii f^h_i
     value_norms: Float[Tensor, "batch head_index pos"]  # ‖f^h_j‖
-    rows_output: Float[Tensor, "batch rows d_model"] | None = None  # Σ_j Σ_h α^h_rj f^h_j
 
 
 def source_terms(
@@ -158,24 +157,17 @@ def source_terms(
     transforms: Sequence[Callable[[Tensor], Tensor] | None],
     *,
     chunk_size: int = CHUNK_SIZE,
-    rows: Tensor | None = None,
 ) -> SourceTerms:
     """Gram factors of ``T f^h_j`` for each fixed linear map ``T`` (None: the identity), the self
     part and the value norms (METHODS §1–2), building ``f`` only ``chunk_size`` sources at a time
-    (never ``[batch, pos, head, d_model]`` at once). With ``rows``, also the attention output of
-    those query rows without ``b_O`` (for the self-check; the value chunks are at hand here)."""
-    batch, pos, heads, d_head = v.shape
+    (never ``[batch, pos, head, d_model]`` at once)."""
+    batch, pos, heads, _ = v.shape
     diagonal = pattern.diagonal(dim1=-2, dim2=-1)  # [batch, head, pos]
     factors = [v.new_empty(batch, pos, heads, heads) for _ in transforms]
     own = v.new_empty(batch, pos, W_O.shape[-1])
     norms = v.new_empty(batch, pos, heads)
-    sampled = pattern[:, :, rows] if rows is not None else None  # [batch, head, rows, key]
-    z_rows = v.new_zeros(batch, heads, len(rows), d_head) if rows is not None else None
     for start in range(0, pos, chunk_size):
         stop = min(start + chunk_size, pos)
-        if sampled is not None and z_rows is not None:
-            chunk_v = v[:, start:stop].transpose(1, 2)  # [batch, head, chunk, d_head]
-            z_rows += torch.matmul(sampled[..., start:stop], chunk_v)
         f = source_vectors(v[:, start:stop], W_O)
         own[:, start:stop] = self_part(diagonal[..., start:stop], f)
         have_norms = False
@@ -188,13 +180,7 @@ def source_terms(
             factor[:, start:stop] = psd_factor(gram)
         if not have_norms:
             norms[:, start:stop] = f.norm(dim=-1)
-    rows_output = None
-    if z_rows is not None:
-        flat = z_rows.permute(0, 2, 1, 3).reshape(batch, z_rows.shape[2], heads * d_head)
-        rows_output = flat @ W_O.reshape(heads * d_head, -1)
-    return SourceTerms(
-        factors=factors, own=own, value_norms=norms.transpose(1, 2), rows_output=rows_output
-    )
+    return SourceTerms(factors=factors, own=own, value_norms=norms.transpose(1, 2))
 
 
 def mixed_output(

@@ -32,7 +32,6 @@ class LayerMaps:
     ratios: dict[str, Float[Tensor, "batch query_pos"]]
     pattern: Float[Tensor, "batch head_index query_pos key_pos"] | None  # masked
     value_norms: Float[Tensor, "batch head_index pos"] | None  # ‖f^h(x_j)‖, masked
-    rows_output: Float[Tensor, "batch rows d_model"] | None = None  # Σ_j Σ_h α f at ``rows``
 
 
 def layer_maps(
@@ -40,11 +39,8 @@ def layer_maps(
     mask: Bool[Tensor, "batch pos"],
     stages: Mapping[str, Stage],
     value_norms: bool,
-    rows: Tensor | None = None,
 ) -> LayerMaps:
-    """Layer maps and mixing ratios named by ``stages`` for one layer; padded cells are zero.
-    ``rows``: query rows whose attention output (without ``b_O``) to return as a by-product of
-    the pass over the sources (the self-check compares it with the cache)."""
+    """Layer maps and mixing ratios named by ``stages`` for one layer; padded cells are zero."""
     padded = not bool(mask.all())
     pattern = None
     if "pattern" in t:
@@ -64,27 +60,23 @@ def layer_maps(
                 half.diagonal(dim1=-2, dim2=-1).add_(0.5)
                 maps[name], ratios[name] = half, 0.5 * others
     norms = None
-    rows_output = None
     requests = {
         n: _request(t, s) for n, s in stages.items() if s in ATTENTION_STAGES and n not in weights
     }
     if requests:
         assert pattern is not None
         mixed = t["attn_out"] - t.b_O if "attn_out" in t else None
-        result = residual.decompose(pattern, t.v, t.W_O, requests, mixed=mixed, rows=rows)
+        result = residual.decompose(pattern, t.v, t.W_O, requests, mixed=mixed)
         for name, (layer_map, ratio) in result.maps.items():
             maps[name], ratios[name] = layer_map, ratio
         norms = result.value_norms
-        rows_output = result.rows_output
     elif value_norms:
         norms = attention.value_norms(t.v, t.W_O)
     if padded:  # every map here is a fresh tensor: mask in place
         mask_padding(maps, ratios, mask)
         if norms is not None:
             norms = norms * mask[:, None, :]
-    return LayerMaps(
-        maps=maps, ratios=ratios, pattern=pattern, value_norms=norms, rows_output=rows_output
-    )
+    return LayerMaps(maps=maps, ratios=ratios, pattern=pattern, value_norms=norms)
 
 
 def _off_diagonal_sum(weights: Tensor) -> Tensor:

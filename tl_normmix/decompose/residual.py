@@ -91,7 +91,6 @@ class Decomposition:
 
     maps: dict[str, tuple[PairNorms, Ratios]]
     value_norms: Float[Tensor, "batch head_index pos"]
-    rows_output: Float[Tensor, "batch rows d_model"] | None = None  # see attention.source_terms
 
 
 def decompose(
@@ -102,22 +101,20 @@ def decompose(
     *,
     mixed: Float[Tensor, "batch pos d_model"] | None = None,
     chunk_size: int = attention.CHUNK_SIZE,
-    rows: Tensor | None = None,
 ) -> Decomposition:
     """``‖F_i(x_j)‖`` for all pairs and the mixing ratio ``r_i`` per request (METHODS §2).
 
     ``pattern`` has padding already masked; ``mixed`` is ``Σ_j Σ_h α f`` if known (the cached
     attention output minus ``b_O``), else it is computed. One chunked pass over the sources
     builds a Gram factor per distinct norm chain; one chunked pass over the queries evaluates
-    every chain's quadratic form (``rows``: also the attention output of those query rows, without
-    ``b_O``, from the same pass). The ratio is
+    every chain's quadratic form. The ratio is
     ``‖Σ_{j≠i} F_i(x_j)‖ / (‖Σ_{j≠i} F_i(x_j)‖ + ‖F_i(x_i)‖)``.
     """
     chains: dict[tuple[int, ...], Request] = {}
     for request in requests.values():
         chains.setdefault(request.chain_key, request)
     terms = attention.source_terms(
-        pattern, v, W_O, [r.transform() for r in chains.values()], chunk_size=chunk_size, rows=rows
+        pattern, v, W_O, [r.transform() for r in chains.values()], chunk_size=chunk_size
     )
     quadratic = attention.quadratic_norms(pattern, terms.factors, chunk_size=chunk_size)
     off_diagonal = dict(zip(chains, quadratic, strict=True))
@@ -137,7 +134,7 @@ def decompose(
         norms.diagonal(dim1=-2, dim2=-1).copy_(self_norm)
         total = (context_norm + self_norm).clamp_min(torch.finfo(norms.dtype).tiny)
         out[name] = (norms, context_norm / total)
-    return Decomposition(maps=out, value_norms=terms.value_norms, rows_output=terms.rows_output)
+    return Decomposition(maps=out, value_norms=terms.value_norms)
 
 
 def decomposed_norms(

@@ -42,6 +42,12 @@ SAMPLE_ROWS = 8
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 _EDITED = "a hook edited the cache's run (activation patching) or the cache mixes runs"
+_FUTURE = (
+    "TransformerLens ran it without its causal mask (TransformerLens 4.3 does so for OpenAI-GPT "
+    "when an attention_mask is passed); the run is not the model's real computation. Run it "
+    "without attention_mask (unpadded) or with another TransformerLens version; "
+    "mixing_maps(..., verify=False) skips this check."
+)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -57,60 +63,29 @@ def verify_layer(
     precision: torch.dtype,
     model_name: str,
     causal: bool = False,
-    rows_output: Tensor | None = None,
 ) -> dict[str, float]:
     """Check the identities of the module docstring that ``t`` holds the tensors for; return
-    ``{identity: relative error}`` or raise ``VerificationError`` on the first that fails.
-    ``rows_output``: the attention output of the sampled rows (``sample_rows``) without ``b_O``,
-    if the maps' pass already computed it from the pattern and the values."""
+    ``{identity: relative error}`` or raise ``VerificationError`` on the first that fails."""
     limit = tolerance(precision)
-    residuals: dict[str, float] = {}
     padded = not bool(mask.all())
+    pending: list[tuple[str, Tensor, str]] = []  # (identity, relative error (0-d), cause)
 
     def record(
         identity: str, rebuilt: Tensor, cached: Tensor, cause: str, rows: Tensor | None = None
     ) -> None:
         keep = None if not padded else mask if rows is None else mask[:, rows]
-        error = _relative(rebuilt, cached, keep)
-        residuals[identity] = error
-        if not error <= limit:  # NaN fails too
-            raise VerificationError(
-                f"{model_name}, layer {t.layer} ({t.layout.name} block): the {identity} rebuilt "
-                f"from the cache differs from the cached one (relative error {error:.3g}, "
-                f"tolerance {limit:.0e} for a {str(precision).removeprefix('torch.')} cache). "
-                f"Likely cause: {cause}. The maps would be wrong, so none are returned; "
-                "mixing_maps(..., verify=False) skips this check.",
-                layer=t.layer,
-                identity=identity,
-                error=error,
-            )
+        pending.append((identity, _relative(rebuilt, cached, keep), cause))
 
     rows = sample_rows(mask)
     sampled = t.pattern[:, :, rows] if "pattern" in t else None  # [batch, head, rows, key]
     if causal and sampled is not None:
-        keys = torch.arange(t.pos, device=t.device)
-        future = keys[None, :] > rows[:, None]  # [rows, key]
+        future = _future(t.pos, t.device)  # [rows, key]
         if padded:  # real query rows and keys only
             future = future & mask[:, rows, None] & mask[:, None, :]
-        weight = sampled.abs().amax(dim=1).masked_fill(~future, 0.0)
-        residuals["causal mask"] = leak = float(weight.flatten().amax())
-        if leak > limit:
-            raise VerificationError(
-                f"{model_name}, layer {t.layer}: the model is causal but its cached pattern puts "
-                f"weight {leak:.3g} on future positions. Likely cause: TransformerLens ran it "
-                "without its causal mask (TransformerLens 4.3 does so for OpenAI-GPT when an "
-                "attention_mask is passed); the run is not the model's real computation. Run it "
-                "without attention_mask (unpadded) or with another TransformerLens version; "
-                "mixing_maps(..., verify=False) skips this check.",
-                layer=t.layer,
-                identity="causal mask",
-                error=leak,
-            )
+        weight = sampled.amax(dim=1).masked_fill(~future, 0.0)  # α ≥ 0
+        pending.append(("causal mask", weight.flatten().amax(), _FUTURE))
     if sampled is not None and "v" in t and "attn_out" in t:
-        if rows_output is not None:
-            rebuilt = rows_output + t.b_O
-        else:
-            rebuilt = _attention_rows(t, sampled, rows)
+        rebuilt = _attention_rows(t, sampled, rows)
         cached = t["attn_out"][:, rows]
         record(
             "attention output",
@@ -147,6 +122,26 @@ def verify_layer(
             record("block output", rec.resid_post, t["resid_post"], layout_cause)
         if through_ff and t.mlp is not None and "mlp_out" in t:
             _check_feed_forward(t, rec.mlp_in, record)
+    # one conversion for all the errors, then the first failure in order raises
+    errors = torch.stack([error for _, error, _ in pending]).tolist() if pending else []
+    residuals = {identity: error for (identity, _, _), error in zip(pending, errors, strict=True)}
+    for (identity, _, cause), error in zip(pending, errors, strict=True):
+        if not error <= limit:  # NaN fails too
+            if identity == "causal mask":
+                message = (
+                    f"{model_name}, layer {t.layer}: the model is causal but its cached pattern "
+                    f"puts weight {error:.3g} on future positions. Likely cause: {cause}"
+                )
+            else:
+                message = (
+                    f"{model_name}, layer {t.layer} ({t.layout.name} block): the {identity} "
+                    f"rebuilt from the cache differs from the cached one (relative error "
+                    f"{error:.3g}, tolerance {limit:.0e} for a "
+                    f"{str(precision).removeprefix('torch.')} cache). Likely cause: {cause}. The "
+                    "maps would be wrong, so none are returned; mixing_maps(..., verify=False) "
+                    "skips this check."
+                )
+            raise VerificationError(message, layer=t.layer, identity=identity, error=error)
     return residuals
 
 
@@ -178,23 +173,30 @@ def _check_feed_forward(
     )
 
 
-def _relative(rebuilt: Tensor, cached: Tensor, mask: Tensor | None) -> float:
+def _relative(rebuilt: Tensor, cached: Tensor, mask: Tensor | None) -> Tensor:
     """``max |rebuilt − cached| / max |cached|`` over the positions ``mask`` keeps (all if None;
     float32: its rounding is far below every tolerance)."""
     a, b = rebuilt, cached
     if mask is not None:
         a, b = a[mask], b[mask]
     if b.numel() == 0:
-        return 0.0
+        return a.new_zeros(())
     # amax over a flat view: a fast reduction on the CPU (.max() and the ∞-norm are ~15x slower)
     error = (a - b).abs_().flatten().amax()
     scale = b.abs().flatten().amax().clamp_min(1e-30)
-    return float(error / scale)
+    return error / scale
 
 
 def sample_rows(mask: Tensor) -> Tensor:
     """Up to ``SAMPLE_ROWS`` query positions spread over the sequence (the last one included)."""
     return _rows(mask.shape[1], mask.device)
+
+
+@functools.cache
+def _future(pos: int, device: torch.device) -> Tensor:
+    """``[sampled row, key]``: True where the key comes after the row (``sample_rows``)."""
+    rows = _rows(pos, device)
+    return torch.arange(pos, device=device)[None, :] > rows[:, None]
 
 
 @functools.cache
