@@ -117,8 +117,7 @@ def worker(folder: str, task: str, n: int, repeats: int) -> dict:
             peaks.append(peak)
         chunk = min(
             n,
-            whole_layer.DEFAULT_BUDGET_BYTES
-            // whole_layer.chunk_bytes(1, n, 1, D_MODEL, D_MLP),
+            whole_layer.DEFAULT_BUDGET_BYTES // whole_layer.chunk_bytes(1, n, 1, D_MODEL, D_MLP),
         )
         extra = (
             {"chunk": chunk, "matmul_gflops": matmul_gflops(n * chunk)} if task == "maps" else {}
