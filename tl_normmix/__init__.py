@@ -7,7 +7,17 @@
 >>> nm.views.heads(maps, "attn_w", layer=0)        # CircuitsVis, offline; nm.plots: matplotlib
 """
 
-from tl_normmix.analysis import AmplifiedPair, contextualization_change, ff_amplified_pairs
+from tl_normmix.analysis import AmplifiedPair, contextualization_change, diff, ff_amplified_pairs
+from tl_normmix.interventions.agreement import Agreement, agreement
+from tl_normmix.interventions.attribution import EdgeAttribution, edge_attribution
+from tl_normmix.interventions.circuits import (
+    FaithfulnessCurve,
+    KeptCircuit,
+    faithfulness_curve,
+    keep_only,
+)
+from tl_normmix.interventions.edges import Edge, EdgeSet, edges
+from tl_normmix.interventions.knockout import KnockOut, knock_out
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
 from tl_normmix.models import (
     MissingHookError,
@@ -15,24 +25,40 @@ from tl_normmix.models import (
     VerificationError,
     adapt,
     load_model,
+    on_hidden_states,
 )
 from tl_normmix.render import plots, views
 from tl_normmix.scopes import SCOPES, UnsupportedScopeError
 
 __all__ = [
     "SCOPES",
+    "Agreement",
     "AmplifiedPair",
+    "Edge",
+    "EdgeAttribution",
+    "EdgeSet",
+    "FaithfulnessCurve",
+    "KeptCircuit",
+    "KnockOut",
     "MissingHookError",
     "MixingMaps",
     "UnsupportedModelError",
     "UnsupportedScopeError",
     "VerificationError",
     "adapt",
+    "agreement",
     "contextualization_change",
+    "diff",
+    "edge_attribution",
+    "edges",
+    "faithfulness_curve",
     "ff_amplified_pairs",
     "hook_filter",
+    "keep_only",
+    "knock_out",
     "load_model",
     "mixing_maps",
+    "on_hidden_states",
     "plots",
     "views",
 ]

@@ -152,3 +152,41 @@ def _token(maps: MixingMaps, b: int, position: int) -> str:
     if maps.tokens is not None:
         return str(int(maps.tokens[b, position]))
     return str(position)
+
+
+def diff(maps_a: MixingMaps, maps_b: MixingMaps) -> MixingMaps:
+    """``maps_b − maps_a`` for the scopes both hold (layer maps, per-head maps, mixing ratios):
+    the maps of two runs of the same shape, e.g. clean and corrupted or patched. Cells padded in
+    either run are zero (ratios NaN); the result's mask is where both runs have tokens."""
+    if maps_a.layers != maps_b.layers or maps_a.mask.shape != maps_b.mask.shape:
+        raise ValueError(
+            f"The two maps differ in layers ({maps_a.layers} vs {maps_b.layers}) or shape "
+            f"({tuple(maps_a.mask.shape)} vs {tuple(maps_b.mask.shape)}): compute both on runs "
+            "of the same length and layers."
+        )
+    common = [s for s in maps_b.maps if s in maps_a.maps]
+    if not common:
+        raise ValueError(f"No scope in common: {list(maps_a.maps)} vs {list(maps_b.maps)}.")
+    mask = maps_a.mask & maps_b.mask
+    pair = (mask[:, :, None] & mask[:, None, :])[None]
+    heads = {
+        s: (maps_b.heads[s] - maps_a.heads[s]) * pair[:, :, None]
+        for s in maps_b.heads
+        if s in maps_a.heads
+    }
+    return MixingMaps(
+        layers=maps_b.layers,
+        maps={s: (maps_b.maps[s] - maps_a.maps[s]) * pair for s in common},
+        heads=heads,
+        ratios={
+            s: (maps_b.ratios[s] - maps_a.ratios[s]).masked_fill(~mask[None], float("nan"))
+            for s in common
+            if s in maps_a.ratios and s in maps_b.ratios
+        },
+        mask=mask,
+        convention=maps_b.convention,
+        model_name=maps_b.model_name,
+        tokens=maps_b.tokens,
+        str_tokens=maps_b.str_tokens,
+        causal=maps_b.causal,
+    )

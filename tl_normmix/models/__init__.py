@@ -2,6 +2,7 @@
 and loading of models. The only part of tl_normmix that knows TransformerLens."""
 
 from tl_normmix.models.adapter import ModelAdapter, ModelSpec, adapt
+from tl_normmix.models.editing import on_hidden_states
 from tl_normmix.models.errors import MissingHookError, UnsupportedModelError, VerificationError
 from tl_normmix.models.loading import load_model
 
@@ -13,4 +14,5 @@ __all__ = [
     "VerificationError",
     "adapt",
     "load_model",
+    "on_hidden_states",
 ]

@@ -9,7 +9,11 @@ figure into a page block (an embedded PNG, no external file).
 * ``sink_shares``: the share the sink token receives by attention weight (``attn_w``) and by
   norm (``attn_n``) per layer (Kobayashi et al. 2020);
 * ``contextualization_changes``: ``1 − Spearman ρ`` between consecutive scopes per layer
-  (METHODS §3; Kobayashi et al. 2024).
+  (METHODS §3; Kobayashi et al. 2024);
+* ``agreement``: per layer and scope, how well a map ranks exact intervention effects
+  (``nm.agreement``; METHODS §5);
+* ``faithfulness``: the share of the clean−ablated gap recovered against the fraction of edges
+  kept, one line per scoring (``nm.faithfulness_curve``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from tl_normmix.maps import MixingMaps
 from tl_normmix.render.page import Block
 from tl_normmix.summary import mixing_ratio_stats, sink_share
 
-__all__ = ["contextualization_changes", "figure_block", "mixing_ratios", "sink_shares"]
+__all__ = [
+    "agreement",
+    "contextualization_changes",
+    "faithfulness",
+    "figure_block",
+    "mixing_ratios",
+    "sink_shares",
+]
 
 
 def mixing_ratios(maps: MixingMaps, scopes: Sequence[str] | None = None, *, ax: Any = None) -> Any:
@@ -68,6 +79,35 @@ def contextualization_changes(
         )
     _finish(ax, "1 − Spearman ρ", "contextualization change per layer")
     ax.set_ylim(bottom=0)
+    return fig
+
+
+def agreement(report: Any, *, ax: Any = None) -> Any:
+    """Spearman ρ between each scope and ``|effect|`` per layer (``nm.agreement``'s table)."""
+    fig, ax = _axes(ax)
+    table = report.table
+    per_layer = table[table["layer"] != "all"]
+    for scope in dict.fromkeys(per_layer["scope"]):
+        rows = per_layer[per_layer["scope"] == scope]
+        overall = table[(table["scope"] == scope) & (table["layer"] == "all")]["spearman"]
+        label = f"{scope} (all: {float(overall.iloc[0]):.2f})" if len(overall) else scope
+        ax.plot(rows["layer"].astype(int).tolist(), rows["spearman"].tolist(), "o-", label=label)
+    _finish(ax, "Spearman ρ with |effect|", f"agreement with exact '{report.mode}' effects")
+    ax.set_ylim(-1, 1)
+    return fig
+
+
+def faithfulness(curves: Sequence[tuple[str, Any]], *, ax: Any = None) -> Any:
+    """Mean recovered share (over batch rows) against the fraction of edges kept."""
+    fig, ax = _axes(ax)
+    for label, curve in curves:
+        ax.plot(curve.fractions, torch.nanmean(curve.recovered, dim=1).tolist(), "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of edges kept")
+    ax.set_ylabel("share of clean − ablated recovered")
+    ax.set_title("faithfulness of the edges each scoring keeps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return fig
 
 

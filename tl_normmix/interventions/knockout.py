@@ -1,0 +1,419 @@
+"""Exact, batched interventions on token edges (METHODS §5): ``knock_out``.
+
+For an edge ``e = (l, h or all heads, i, j)`` with term ``p_e = α^h_ij f^h(x_j)`` the modes edit
+the pure attention output at receiver ``i`` of layer ``l`` — through ``z^h_i`` (``models.editing``),
+so the edit of the output is exactly:
+
+=========== ========================================== ==========================================
+mode        edit                                       equals
+=========== ========================================== ==========================================
+remove      ``attn_i −= p_e``                          zeroing ``α^h_ij``, not renormalising
+renormalize head h: ``o^h_i ← (o^h_i − p_e)/(1 − α)``  the score set to −∞ (Geva et al. 2023)
+patch       ``attn_i += p_e(source run) − p_e``        the edge carries the counterfactual term
+mean        ``attn_i += mean_ref p_e − p_e``           mean ablation over the reference batch
+=========== ========================================== ==========================================
+
+Every batch row of a forward carries its own edit (``k`` edits × the ``B`` rows of ``tokens``
+per forward, up to ``batch_size`` rows); a forward of edits in layer ``l`` starts at ``l`` from the
+clean residual where that reproduces the full forward on the run at hand, else runs in full. The
+metric sees each edit's ``B`` rows in the order of ``tokens``. Effects do not add up across heads
+or edges: they are not a decomposition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from tl_normmix.interventions.edges import Edge, EdgeSet
+from tl_normmix.maps import MixingMaps
+from tl_normmix.models.editing import Editor, editor, reads_hidden
+
+__all__ = ["MODES", "KnockOut", "RunInputs", "knock_out", "prepare"]
+
+MODES = ("remove", "renormalize", "patch", "mean")
+
+#: Activation memory one forward of a batch of edits aims at (``batch_size=None``).
+DEFAULT_BUDGET_BYTES = 512 * 2**20
+
+Metric = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class KnockOut:
+    """Effects of single-edge interventions: ``effect[e, b] = metric(edited) − metric(clean)``
+    for edge ``edges[e]`` in batch row ``b`` (NaN where the edge does not exist in that row:
+    padding, a source after its receiver in a causal model, or renormalising a row's only key)."""
+
+    effect: Float[Tensor, "edge batch"]
+    edges: list[Edge]
+    mode: str
+    convention: str
+    n_forwards: int
+    clean: Float[Tensor, " batch"]
+    mask: Bool[Tensor, "batch pos"]
+    model_name: str
+    n_layers: int
+    n_heads: int
+    causal: bool
+    str_tokens: list[list[str]] | None = field(default=None, repr=False)
+    tokens: Tensor | None = field(default=None, repr=False)
+
+    def as_maps(self) -> MixingMaps:
+        """The effects as ``MixingMaps`` with scope ``"effect"``: ``maps["effect"]``
+        ``[layer, batch, query, key]`` for all-head edges, ``heads["effect"]``
+        ``[layer, batch, head, query, key]`` for per-head edges; NaN where no edge was run."""
+        batch, pos = self.mask.shape
+        layer_map = torch.full((self.n_layers, batch, pos, pos), float("nan"))
+        per_head = torch.full((self.n_layers, batch, self.n_heads, pos, pos), float("nan"))
+        rows = resolve_rows(self.edges, self.mask, self.causal)
+        for index, edge in enumerate(self.edges):
+            for b, (i, j) in rows[index].items():
+                if edge.head is None:
+                    layer_map[edge.layer, b, i, j] = self.effect[index, b]
+                else:
+                    per_head[edge.layer, b, edge.head, i, j] = self.effect[index, b]
+        has_layer = any(e.head is None for e in self.edges)
+        has_heads = any(e.head is not None for e in self.edges)
+        return MixingMaps(
+            layers=tuple(range(self.n_layers)),
+            maps={"effect": layer_map} if has_layer or not has_heads else {},
+            heads={"effect": per_head} if has_heads else {},
+            ratios={},
+            mask=self.mask,
+            convention=self.convention,
+            model_name=self.model_name,
+            tokens=self.tokens,
+            str_tokens=self.str_tokens,
+            causal=self.causal,
+        )
+
+
+@dataclass
+class RunInputs:
+    """Tokens, padding and the clean run's quantities an intervention reads."""
+
+    tokens: Tensor  # [batch, pos]
+    mask: Tensor  # [batch, pos] bool
+    attention_mask: Tensor | None  # as given (passed to the model)
+    clean_out: Tensor  # logits or final hidden states
+    clean_metric: Tensor  # [batch]
+    cache: dict[str, Tensor]  # clean hooks (pattern, v, z, resid_pre) of the needed layers
+
+
+def prepare(
+    ed: Editor,
+    tokens: Tensor,
+    metric: Metric,
+    layers: Sequence[int],
+    attention_mask: Tensor | None,
+) -> RunInputs:
+    """One clean forward caching what edits of ``layers`` read, and the clean metric."""
+    tokens = tokens if tokens.ndim == 2 else tokens[None]
+    tokens = tokens.to(ed.device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but tokens "
+                f"{tuple(tokens.shape)}."
+            )
+        mask = attention_mask.to(ed.device).bool()
+    names = sorted(frozenset(ed.clean_hooks(layers)))
+    cache: dict[str, Tensor] = {}
+    with torch.no_grad():
+        out = ed.run(
+            tokens,
+            [(name, capture(cache, name)) for name in names],
+            attention_mask=attention_mask,
+            hidden=reads_hidden(metric),
+        )
+    clean = check_metric(metric, out, tokens.shape[0])
+    return RunInputs(tokens, mask, attention_mask, out, clean, cache)
+
+
+def capture(cache: dict[str, Tensor], name: str) -> Callable[[Tensor, Any], None]:
+    """A read-only hook storing its tensor under ``name`` (aliases keep the asked name). It
+    returns None, so hook points that convert shapes leave the model's tensor untouched."""
+
+    def keep(tensor: Tensor, hook: Any) -> None:
+        cache[name] = tensor.detach()
+
+    return keep
+
+
+def check_metric(metric: Metric, out: Tensor, batch: int) -> Tensor:
+    value = metric(out)
+    if not isinstance(value, Tensor) or tuple(value.shape) != (batch,):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"metric must map the model output {tuple(out.shape)} to one value per batch row "
+            f"({batch},), got {shape}. E.g. lambda logits: logits[:, -1].log_softmax(-1)[:, t]."
+        )
+    return value.detach().float()
+
+
+def resolve_rows(
+    edges: Sequence[Edge], mask: Tensor, causal: bool
+) -> list[dict[int, tuple[int, int]]]:
+    """Per edge: ``{batch row: (i, j)}`` absolute positions where the edge exists (positions
+    count the row's real tokens; negatives from its last real token)."""
+    real = [row.nonzero().flatten().tolist() for row in mask]
+    out = []
+    for edge in edges:
+        rows: dict[int, tuple[int, int]] = {}
+        for b, positions in enumerate(real):
+            n = len(positions)
+            if not (-n <= edge.receiver < n and -n <= edge.source < n):
+                continue
+            i, j = positions[edge.receiver], positions[edge.source]
+            if causal and j > i:
+                continue
+            rows[b] = (i, j)
+        out.append(rows)
+    return out
+
+
+def knock_out(
+    model: Any,
+    tokens: Tensor,
+    E: EdgeSet,
+    metric: Metric,
+    mode: str = "remove",
+    source_tokens: Tensor | None = None,
+    batch_size: int | None = None,
+    attention_mask: Tensor | None = None,
+) -> KnockOut:
+    """The exact effect of intervening on each edge of ``E`` alone (METHODS §5).
+
+    Args:
+        model: a TransformerLens model tl_normmix supports.
+        tokens: ``[batch, pos]`` token ids (a batch of prompts of one length, padded if needed).
+        E: the edges (``nm.edges(...)`` or ``nm.edges.top(...)``).
+        metric: ``metric(logits [batch, pos, vocab]) -> [batch]``; wrapped with
+            ``nm.on_hidden_states`` it reads the last block's output instead (encoders).
+        mode: ``remove``, ``renormalize``, ``patch`` (needs ``source_tokens`` of the same shape)
+            or ``mean`` (needs ``source_tokens``: the reference batch, same length).
+        batch_size: rows per forward (default: fit 512 MiB of activations).
+        attention_mask: ``[batch, pos]`` padding mask (1 = token), passed to the model.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}.")
+    ed = editor(model)
+    spec = ed.adapter.spec
+    pos = tokens.shape[-1]
+    edges = E.resolve(spec.n_layers, spec.block.n_heads, pos)
+    layers = sorted({e.layer for e in edges})
+    inputs = prepare(ed, tokens, metric, layers, attention_mask)
+    source = _source_terms(ed, mode, source_tokens, inputs, layers)
+    rows = resolve_rows(edges, inputs.mask, spec.causal)
+    batch = inputs.tokens.shape[0]
+    per_forward = max(1, (batch_size or _default_rows(ed, pos)) // batch)
+    resid = {layer: inputs.cache[ed.resid_pre(layer)] for layer in layers}
+    start = ed.start_is_exact(inputs.tokens, attention_mask, resid, inputs.clean_out)
+    effect = torch.full((len(edges), batch), float("nan"))
+    n_forwards = 1
+    hidden = reads_hidden(metric)
+    for layer in layers:
+        indices = [k for k, e in enumerate(edges) if e.layer == layer]
+        for first in range(0, len(indices), per_forward):
+            chunk = indices[first : first + per_forward]
+            hook = _edit_hook(
+                ed, mode, inputs, source, layer, [edges[k] for k in chunk], [rows[k] for k in chunk]
+            )
+            repeat = len(chunk)
+            kwargs: dict[str, Any] = {}
+            if start and layer > 0:
+                kwargs = {"start_at_layer": layer, "resid": resid[layer].repeat(repeat, 1, 1)}
+            mask = inputs.attention_mask
+            with torch.no_grad():
+                out = ed.run(
+                    inputs.tokens.repeat(repeat, 1),
+                    [(ed.z(layer), hook.edit)],
+                    attention_mask=mask.repeat(repeat, 1) if mask is not None else None,
+                    hidden=hidden,
+                    **kwargs,
+                )
+            n_forwards += 1
+            for slot, k in enumerate(chunk):
+                value = metric(out[slot * batch : (slot + 1) * batch]).detach().float()
+                diff = value.cpu() - inputs.clean_metric.cpu()
+                valid = torch.zeros(batch, dtype=torch.bool)
+                valid[list(hook.valid[slot])] = True
+                effect[k] = torch.where(valid, diff, torch.full_like(diff, float("nan")))
+    return KnockOut(
+        effect=effect,
+        edges=edges,
+        mode=mode,
+        convention=spec.convention,
+        n_forwards=n_forwards,
+        clean=inputs.clean_metric.cpu(),
+        mask=inputs.mask.cpu(),
+        model_name=spec.model_name,
+        n_layers=spec.n_layers,
+        n_heads=spec.block.n_heads,
+        causal=spec.causal,
+        str_tokens=ed.adapter.str_tokens(inputs.tokens.cpu()),
+        tokens=inputs.tokens.cpu(),
+    )
+
+
+def _default_rows(ed: Editor, pos: int) -> int:
+    block = ed.adapter.spec.block
+    per_row = 4 * pos * (16 * block.d_model + 4 * block.n_heads * pos)
+    return max(1, DEFAULT_BUDGET_BYTES // per_row)
+
+
+@dataclass
+class _Source:
+    """The counterfactual terms ``α'^h_ij v'^h_j`` a ``patch`` or ``mean`` edit writes."""
+
+    pattern: dict[int, Tensor]  # layer -> [batch', head, q, k]
+    v: dict[int, Tensor]  # layer -> [batch', pos, head, d_head]
+    mean: bool
+
+
+def _source_terms(
+    ed: Editor,
+    mode: str,
+    source_tokens: Tensor | None,
+    inputs: RunInputs,
+    layers: Sequence[int],
+) -> _Source | None:
+    if mode not in ("patch", "mean"):
+        return None
+    if source_tokens is None:
+        raise ValueError(
+            f"mode={mode!r} needs source_tokens: the counterfactual run ('patch', same shape as "
+            "tokens) or the reference batch ('mean', same length)."
+        )
+    source = source_tokens if source_tokens.ndim == 2 else source_tokens[None]
+    if source.shape[-1] != inputs.tokens.shape[-1] or (
+        mode == "patch" and source.shape != inputs.tokens.shape
+    ):
+        raise ValueError(
+            f"source_tokens has shape {tuple(source.shape)} but tokens "
+            f"{tuple(inputs.tokens.shape)}: mode={mode!r} needs "
+            + ("the same shape." if mode == "patch" else "the same length.")
+        )
+    names = [n for layer in layers for n in (ed.pattern(layer), ed.v(layer))]
+    cache: dict[str, Tensor] = {}
+    with torch.no_grad():
+        ed.run(source.to(ed.device), [(n, capture(cache, n)) for n in names])
+    return _Source(
+        pattern={layer: cache[ed.pattern(layer)].float() for layer in layers},
+        v={layer: ed.v_heads(cache[ed.v(layer)].float()) for layer in layers},
+        mean=mode == "mean",
+    )
+
+
+class _EditHook:
+    """The ``hook_z`` edit of one forward: ``k`` edits × ``B`` rows."""
+
+    def __init__(
+        self,
+        ed: Editor,
+        mode: str,
+        inputs: RunInputs,
+        source: _Source | None,
+        layer: int,
+        edges: list[Edge],
+        rows: list[dict[int, tuple[int, int]]],
+    ) -> None:
+        batch = inputs.tokens.shape[0]
+        pattern = inputs.cache[ed.pattern(layer)].float()  # [B, H, q, k]
+        v = ed.v_heads(inputs.cache[ed.v(layer)].float())  # [B, pos, H, d]
+        heads = pattern.shape[1]
+        self.mode = mode
+        self.valid: list[set[int]] = []
+        entries: list[tuple[int, int, int, int, int, int | None]] = []  # row, b, i, j, slot, h
+        for slot, (edge, per_row) in enumerate(zip(edges, rows, strict=True)):
+            ok = set()
+            for b, (i, j) in per_row.items():
+                if mode == "renormalize":
+                    alpha = (
+                        pattern[b, :, i, j] if edge.head is None else pattern[b, edge.head, i, j]
+                    )
+                    if bool((alpha >= 1.0).any()):
+                        continue  # the row's only key: knocking it out leaves nothing
+                ok.add(b)
+                entries.append((slot * batch + b, b, i, j, slot, edge.head))
+            self.valid.append(ok)
+        self.rows = torch.tensor([e[0] for e in entries], dtype=torch.long)
+        self.positions = torch.tensor([e[2] for e in entries], dtype=torch.long)
+        head_mask = torch.zeros(len(entries), heads, dtype=torch.bool)
+        for n, entry in enumerate(entries):
+            if entry[5] is None:
+                head_mask[n] = True
+            else:
+                head_mask[n, entry[5]] = True
+        b_index = torch.tensor([e[1] for e in entries], dtype=torch.long)
+        i_index = self.positions
+        j_index = torch.tensor([e[3] for e in entries], dtype=torch.long)
+        device = pattern.device
+        b_index, i_index, j_index = b_index.to(device), i_index.to(device), j_index.to(device)
+        head_mask = head_mask.to(device)
+        alpha = pattern[b_index, :, i_index, j_index]  # [M, H]
+        term = alpha[..., None] * v[b_index, j_index]  # [M, H, d]: α^h_ij v^h_j
+        self.head_mask = head_mask
+        self.alpha = alpha
+        self.term = term * head_mask[..., None]
+        if mode == "renormalize":
+            # (o − α_ij v_j)/(1 − α_ij) from the other terms themselves: as α_ij → 1 the
+            # difference would lose every digit. With attention sinks (rows summing to < 1) the
+            # sink's mass stays in the denominator, as a −∞ score leaves it in the softmax.
+            rows_alpha = pattern[b_index, :, i_index]  # [M, H, key]
+            others = rows_alpha.clone()
+            others[torch.arange(len(entries), device=device), :, j_index] = 0.0
+            values = v[b_index]  # [M, key, H, d]
+            self.rest = torch.einsum("mhk,mkhd->mhd", others, values)
+            sink = (1.0 - rows_alpha.sum(-1)).clamp_min(0.0)
+            self.denominator = others.sum(-1) + torch.where(sink > 1e-4, sink, 0.0)
+        if source is not None:
+            src_pattern, src_v = source.pattern[layer], source.v[layer]
+            if source.mean:
+                mean = (
+                    src_pattern[:, :, i_index, j_index].permute(0, 2, 1)[..., None]
+                    * src_v[:, j_index]
+                ).mean(0)  # [M, H, d]
+                counterfactual = mean
+            else:
+                counterfactual = (
+                    src_pattern[b_index, :, i_index, j_index][..., None] * src_v[b_index, j_index]
+                )
+            self.delta = (counterfactual - term) * head_mask[..., None]
+        else:
+            self.delta = -self.term
+        self.rows, self.positions = self.rows.to(device), self.positions.to(device)
+
+    def edit(self, z: Tensor, hook: Any) -> Tensor:
+        if self.rows.numel() == 0:
+            return z
+        z = z.clone()
+        # [rows, pos, head, d_head], whatever reshape of the flat per-head values the hook shows
+        heads = z.view(*z.shape[:2], *self.delta.shape[1:])
+        delta = self.delta.to(z.dtype)
+        if self.mode == "renormalize":  # per head: (o − p)/(1 − α) on the edited heads
+            live = heads[self.rows, self.positions].float()  # [M, H, d]
+            scale = self.denominator.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+            renormed = self.rest / scale
+            delta = torch.where(self.head_mask[..., None], renormed - live, 0.0).to(z.dtype)
+        heads.index_put_((self.rows, self.positions), delta, accumulate=True)
+        return z
+
+
+def _edit_hook(
+    ed: Editor,
+    mode: str,
+    inputs: RunInputs,
+    source: _Source | None,
+    layer: int,
+    edges: list[Edge],
+    rows: list[dict[int, tuple[int, int]]],
+) -> _EditHook:
+    return _EditHook(ed, mode, inputs, source, layer, edges, rows)
