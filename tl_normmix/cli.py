@@ -1,4 +1,6 @@
-"""Command line: ``tl-normmix report`` (the HTML report) and ``tl-normmix summary`` (a table).
+"""Command line: ``tl-normmix report`` (the HTML report), ``tl-normmix patch`` (maps beside exact
+edge interventions, HTML), ``tl-normmix summary`` (a table) and ``tl-normmix corpus analyse |
+status | reduce | report`` (the corpus analyses of METHODS §6).
 
 Both load the model (see ``tl_normmix.load_model`` for the accepted references), run it once with
 only the hooks they need, and either write a self-contained HTML report or print the per-layer
@@ -12,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -51,14 +54,67 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--quiet", action="store_true", help="no progress bar")
     summary = commands.add_parser("summary", help="per-layer attention weight / value norm table")
     _common(summary)
+    patch = commands.add_parser(
+        "patch", help="maps beside exact edge interventions for one text (offline HTML)"
+    )
+    _common(patch)
+    patch.add_argument("--out", required=True, help="the HTML file to write")
+    patch.add_argument(
+        "--scopes", help="comma-separated scopes to compare (default: attn_w,attn_n,attnres_n)"
+    )
+    _corpus_parser(commands)
     return parser
+
+
+def _corpus_parser(commands: Any) -> None:
+    corpus = commands.add_parser(
+        "corpus", help="Clark / Vig & Belinkov analyses over CoNLL-U files"
+    )
+    sub = corpus.add_subparsers(dest="corpus_command", required=True)
+    run = sub.add_parser("analyse", help="run (or resume) the analyses into DIR")
+    run.add_argument("--model", required=True, help=MODEL_HELP)
+    run.add_argument("--conllu", required=True, nargs="+", help="CoNLL-U files, in order")
+    run.add_argument("--out", required=True, help="the run directory (resumed if it exists)")
+    run.add_argument("--scopes", default="attn_w,attn_n", help="comma-separated scopes")
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--chunk-size", type=int, default=256, help="sentences per committed chunk")
+    run.add_argument("--max-sentences", type=int, help="only the first N sentences")
+    run.add_argument("--engine", choices=("local", "ray"), default="local")
+    run.add_argument(
+        "--shard", help="K/N: only chunks with id %% N == K (SLURM arrays); then reduce"
+    )
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    run.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    run.add_argument("--truncate", action="store_true", help="cut sentences longer than n_ctx")
+    run.add_argument("--top-k", type=int, default=5, help="exemplar sentences kept per head")
+    run.add_argument("--restart", action="store_true", help="discard DIR's parts and start over")
+    run.add_argument("--actors", type=int, default=1, help="--engine ray: model actors")
+    run.add_argument("--cpus-per-actor", type=float, default=1)
+    run.add_argument("--gpus-per-actor", type=float, default=0)
+    run.add_argument("--address", help="--engine ray: the cluster (default: start a local one)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    status = sub.add_parser("status", help="chunks done / total, fingerprint")
+    status.add_argument("dir")
+    reduce = sub.add_parser("reduce", help="merge the chunks into the summary (idempotent)")
+    reduce.add_argument("dir")
+    page = sub.add_parser("report", help="the run's offline HTML report")
+    page.add_argument("dir")
+    page.add_argument("--out", required=True, help="the HTML file to write")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return _report(args) if args.command == "report" else _summary(args)
+        command = {"report": _report, "summary": _summary, "patch": _patch, "corpus": _corpus}
+        return command[args.command](args)
+    except KeyboardInterrupt:
+        print(
+            "tl-normmix: interrupted; the chunks committed so far are kept: run the same "
+            "command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
     except (ValueError, LookupError, OSError, NotImplementedError, ImportError, MemoryError) as err:
         print(f"tl-normmix: error: {err}", file=sys.stderr)
         return 2
@@ -102,6 +158,95 @@ def _report(args: argparse.Namespace) -> int:
     size = out.stat().st_size / 2**20
     seconds = time.perf_counter() - start
     print(f"wrote {out} ({size:.1f} MiB, {tokens.shape[-1]} tokens) in {seconds:.1f} s")
+    return 0
+
+
+def _patch(args: argparse.Namespace) -> int:
+    import tl_normmix as nm
+    from tl_normmix.render.patch_report import build_patch_report
+    from tl_normmix.render.report import check_output_path, tokenize, write_atomic
+
+    start = time.perf_counter()
+    out = check_output_path(args.out)  # before any work
+    text = _text(args)
+    scopes = [s.strip() for s in args.scopes.split(",")] if args.scopes else None
+    model = nm.load_model(args.model, compatibility_mode=args.compatibility_mode)
+    tokens = tokenize(model, text)
+    page = (
+        build_patch_report(model, tokens, scopes=scopes)
+        if scopes
+        else build_patch_report(model, tokens)
+    )
+    write_atomic(out, page)
+    size = out.stat().st_size / 2**20
+    seconds = time.perf_counter() - start
+    print(f"wrote {out} ({size:.1f} MiB, {tokens.shape[-1]} tokens) in {seconds:.1f} s")
+    return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    import json
+
+    from tl_normmix import corpus
+
+    if args.corpus_command == "status":
+        state = corpus.status(args.dir)
+        print(
+            f"{state['out']}: {state['chunks_done']} / {state['chunks']} chunks, "
+            f"{state['sentences_done']} / {state['sentences']} sentences done"
+            + ("; reduced" if state["reduced"] else "")
+            + (f"; {state['orphans']} orphaned temporary files" if state["orphans"] else "")
+        )
+        print(json.dumps(state["fingerprint"], indent=1, sort_keys=True))
+        return 0
+    if args.corpus_command == "reduce":
+        reduced = corpus.reduce(args.dir)
+        print(
+            f"reduced {args.dir}: "
+            + ", ".join(f"{r.sentences} {r.status}" for r in reduced.summary().itertuples())
+        )
+        return 0
+    if args.corpus_command == "report":
+        from tl_normmix.render.corpus_report import build_corpus_report
+        from tl_normmix.render.report import check_output_path, write_atomic
+
+        out = check_output_path(args.out)
+        write_atomic(out, build_corpus_report(corpus.load(args.dir)))
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+        return 0
+    start = time.perf_counter()
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    result: corpus.CorpusResult | None = corpus.analyse(
+        args.model,
+        args.conllu,
+        args.out,
+        scopes,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        max_sentences=args.max_sentences,
+        engine=args.engine,
+        shard=args.shard,
+        device=args.device,
+        dtype=args.dtype,
+        truncate=args.truncate,
+        top_k=args.top_k,
+        restart=args.restart,
+        progress=not args.quiet,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        address=args.address,
+    )
+    seconds = time.perf_counter() - start
+    state = corpus.status(args.out)
+    if result is None:
+        print(
+            f"{args.out}: {state['chunks_done']} / {state['chunks']} chunks done in "
+            f"{seconds:.1f} s; the other shards remain (then `tl-normmix corpus reduce`)."
+        )
+    else:
+        counts = ", ".join(f"{r.sentences} {r.status}" for r in result.summary().itertuples())
+        print(f"{args.out}: done in {seconds:.1f} s ({counts})")
     return 0
 
 

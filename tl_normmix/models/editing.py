@@ -137,6 +137,13 @@ class Editor:
         return torch.device(getattr(self.model.cfg, "device", None) or "cpu")
 
     # -- forwards --------------------------------------------------------------------------------
+    def mask_kwargs(self, attention_mask: Tensor | None) -> dict[str, Any]:
+        """The keyword passing a padding mask to this model's forward (and ``run_with_cache``)."""
+        if attention_mask is None:
+            return {}
+        key = "one_zero_attention_mask" if self.family == "encoder" else "attention_mask"
+        return {key: attention_mask}
+
     def run(
         self,
         tokens: Tensor,
@@ -158,10 +165,7 @@ class Editor:
                 captured["hidden"] = tensor
 
             extra.append((self.final(), keep))
-        kwargs: dict[str, Any] = {}
-        if attention_mask is not None:
-            key = "one_zero_attention_mask" if self.family == "encoder" else "attention_mask"
-            kwargs[key] = attention_mask
+        kwargs = self.mask_kwargs(attention_mask)
         if start_at_layer is not None:
             assert resid is not None
             kwargs["start_at_layer"] = start_at_layer

@@ -36,6 +36,8 @@ __all__ = [
     "contextualization_changes",
     "faithfulness",
     "figure_block",
+    "head_grid",
+    "layer_profiles",
     "mixing_ratios",
     "sink_shares",
 ]
@@ -136,3 +138,28 @@ def _finish(ax: Any, ylabel: str, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def head_grid(table: Any, value: str, title: str, *, ax: Any = None, cmap: str = "viridis") -> Any:
+    """A layer × head heat map of ``table[value]`` (a DataFrame with ``layer``, ``head``)."""
+    fig, ax = _axes(ax)
+    per_head = table[table["head"] >= 0]
+    grid = per_head.pivot_table(index="layer", columns="head", values=value, aggfunc="first")
+    image = ax.imshow(grid.to_numpy(), aspect="auto", cmap=cmap, origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize="medium")
+    fig.colorbar(image, ax=ax)
+    return fig
+
+
+def layer_profiles(
+    profiles: Sequence[tuple[str, Any]], ylabel: str, title: str, *, ax: Any = None
+) -> Any:
+    """One line per ``(label, DataFrame with layer, value)`` against the layer."""
+    fig, ax = _axes(ax)
+    for label, frame in profiles:
+        frame = frame.sort_values("layer")
+        ax.plot(frame["layer"], frame["value"], "o-", label=label)
+    _finish(ax, ylabel, title)
+    return fig

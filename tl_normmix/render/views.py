@@ -14,13 +14,23 @@ compare), unless ``max_value`` is given.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from tl_normmix.maps import MixingMaps
 from tl_normmix.render.page import Row, View
 
-__all__ = ["PROBABILITY_SCOPES", "compare", "heads", "reads_from", "value_norms", "writes_to"]
+__all__ = [
+    "PROBABILITY_SCOPES",
+    "compare",
+    "effects",
+    "heads",
+    "reads_from",
+    "value_norms",
+    "writes_to",
+]
 
 #: Scopes whose rows are probability distributions: coloured on a fixed 0–1 scale.
 PROBABILITY_SCOPES = frozenset({"attn_w", "attnres_w"})
@@ -62,7 +72,7 @@ def heads(
 def compare(
     maps: MixingMaps,
     layer: int,
-    scopes: tuple[str, ...] | list[str] | None = None,
+    scopes: Sequence[str] | None = None,
     *,
     batch: int = 0,
     head: int | None = None,
@@ -143,6 +153,51 @@ def value_norms(maps: MixingMaps, layer: int, *, batch: int = 0) -> View:
         },
         title=f"value norms ‖f^h(x_j)‖ — layer {layer}",
         caption="hover a token for every head; pick a head to colour by it",
+    )
+
+
+def effects(
+    effects_maps: MixingMaps,
+    maps: MixingMaps,
+    layer: int,
+    *,
+    receiver: int = -1,
+    scopes: Sequence[str] | None = None,
+    head: int | None = None,
+    batch: int = 0,
+) -> View:
+    """``ColoredTokensMulti`` for one receiver at ``layer``: the exact effect of removing each
+    source's edge (``ko.as_maps()``; all heads together, or ``head``) beside each scope's map row
+    — where the token reads from, by intervention and by each map. Sources without an edge
+    (future tokens, edges not run) show 0."""
+    real = _real(maps, batch)
+    i = _position(maps, batch, receiver)
+    index = effects_maps.layer_index(layer)
+    if head is None:
+        effect = effects_maps["effect"][index, batch, i][real]
+    else:
+        effect = effects_maps.heads["effect"][index, batch, head, i][real]
+    effect = torch.nan_to_num(effect, nan=0.0)
+    chosen = tuple(scopes) if scopes is not None else maps.scopes
+    columns = [effect]
+    labels = ["effect of removing the edge" + (f" (head {head})" if head is not None else "")]
+    for scope in chosen:
+        if head is not None and scope in maps.heads:
+            columns.append(maps.heads[scope][maps.layer_index(layer), batch, head, i][real])
+            labels.append(f"{scope} (head {head})")
+        else:
+            columns.append(maps[scope][maps.layer_index(layer), batch, i][real])
+            labels.append(scope)
+    label = _labels(maps, batch, real)[int((real < i).sum())]
+    return View(
+        "ColoredTokensMulti",
+        {
+            "tokens": _labels(maps, batch, real),
+            "values": _numbers(torch.stack(columns, dim=1)),
+            "labels": labels,
+        },
+        title=f"{label!r}@{i} reads from, layer {layer}: exact effects and maps",
+        caption="pick a column to colour by it; effects are metric(edited) − metric(clean)",
     )
 
 
