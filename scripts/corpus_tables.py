@@ -53,6 +53,8 @@ def per_layer(res: nm.corpus.CorpusResult, kinds: list[str]) -> str:
         share = share[share["head"] == -1]
         for kind in kinds:
             s = share[share.kind == kind].set_index("layer").share
+            if s.empty:
+                continue  # e.g. no [CLS] in a decoder, no "first" kind in an encoder
             rows.append({"scope": scope, "kind": kind, **{str(k): v for k, v in s.items()}})
     return markdown(pd.DataFrame(rows))
 
@@ -67,7 +69,9 @@ def profiles(res: nm.corpus.CorpusResult) -> str:
         ent = res.entropy(scope)
         ent = ent[ent["head"] == -1].set_index("layer").value
         first = res.special_share(scope)
-        first = first[(first["head"] == -1) & (first.kind == "first")].set_index("layer").share
+        first = first[first["head"] == -1]
+        kind = "first" if (first.kind == "first").any() else "cls"
+        first = first[first.kind == kind].set_index("layer").share
         pos = res.pos_share(scope)
         pos = pos[pos["head"] == -1]
         top = pos.sort_values("share", ascending=False).groupby("layer").head(1).set_index("layer")
@@ -79,7 +83,7 @@ def profiles(res: nm.corpus.CorpusResult) -> str:
                     "dep. alignment": dep[layer],
                     "distance": dist[layer],
                     "entropy": ent[layer],
-                    "first-token share": first[layer],
+                    "first-token / [CLS] share": first[layer],
                     "top POS": f"{top.upos[layer]} {top.share[layer]:.2f}",
                 }
             )
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-sentences", type=int)
     parser.add_argument("--report")
+    parser.add_argument("--restart", action="store_true")
     args = parser.parse_args()
     start = time.perf_counter()
     res = nm.corpus.analyse(
@@ -119,6 +124,7 @@ def main() -> None:
         SCOPES,
         batch_size=args.batch_size,
         max_sentences=args.max_sentences,
+        restart=args.restart,
     )
     assert res is not None
     seconds = time.perf_counter() - start

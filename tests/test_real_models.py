@@ -14,7 +14,7 @@ import reference
 import test_adapter
 import test_residual
 import torch
-from conftest import assert_rel_close, ewt_sentences, read_layers
+from conftest import EWT_DEV, assert_rel_close, ewt_sentences, read_layers
 from tiny_models import run_with_cache
 
 import tl_normmix as nm
@@ -245,3 +245,41 @@ def test_smollm2_attribution_ranks_knockouts_better_than_the_maps(smollm2):
     assert rho["attribution"] > max(rho[s] for s in SCOPES_KO) + 0.1
     kept = nm.keep_only(smollm2, toks, nm.edges(heads=None, receivers=None), metric)
     assert abs(float(kept.value[0] - kept.clean[0])) < 1e-4  # keeping every edge is the clean run
+
+
+# -- corpus analyses (issue 12; README "Corpus analyses over EWT") -----------------------------
+def test_minilm_corpus_clark_and_kobayashi(minilm, tmp_path):
+    """Measured on EWT dev + test (scripts/corpus_tables.py): [CLS] 0.43–0.50 of the weight in
+    layers 1–4 but ≤ 0.05 by norm; obj, case, det heads ≥ 0.22 above the best offset."""
+    res = nm.corpus.analyse(
+        minilm, EWT_DEV, tmp_path / "run", ("attn_w", "attn_n"), max_sentences=300, progress=False
+    )
+    share = res.special_share("attn_w")
+    norm = res.special_share("attn_n")
+    for layer in (1, 2, 3, 4):
+
+        def cls(frame, layer=layer):
+            rows = frame[(frame.layer == layer) & (frame["head"] == -1) & (frame.kind == "cls")]
+            return float(rows.share.iloc[0])
+
+        assert cls(share) > 0.3 and cls(norm) < 0.1
+    best = res.best_heads("attn_n").set_index("relation")
+    for relation in ("obj", "case", "det"):
+        assert best.gain[relation] > 0.1
+    assert res.summary().set_index("status").sentences["analysed"] > 290
+
+
+def test_smollm2_corpus_first_token_by_weight_and_by_norm(smollm2, tmp_path):
+    """Measured on EWT dev + test: from layer 3 on the first token gets 0.45–0.89 of the weight
+    but 0.25–0.82 by norm, less in every layer."""
+    res = nm.corpus.analyse(
+        smollm2, EWT_DEV, tmp_path / "run", ("attn_w", "attn_n"), max_sentences=150, progress=False
+    )
+
+    def first(scope):
+        s = res.special_share(scope)
+        return s[(s["head"] == -1) & (s.kind == "first")].set_index("layer").share
+
+    weight, norm = first("attn_w"), first("attn_n")
+    assert all(norm[layer] < weight[layer] for layer in range(3, 30))
+    assert all(weight[layer] > 0.3 for layer in range(3, 10))

@@ -167,3 +167,20 @@ def test_another_fingerprint_is_refused(hf_root, corpus, tmp_path):
         nm.corpus.analyse(model, corpus, out, ("attn_n",), shard="1of3", **OPTIONS)
     with pytest.raises(ValueError, match="model name or path"):
         nm.corpus.analyse(model, corpus, out, ("attn_n",), engine="ray", **OPTIONS)
+
+
+def test_the_weights_hash_follows_the_blocks(hf_root):
+    from tl_normmix.corpus.plan import weights_hash
+
+    model = corpus_model("gpt2", hf_root)
+    before = weights_hash(model)
+    assert weights_hash(model) == before
+    with torch.no_grad():
+        parameter = next(model.blocks[1].parameters())
+        saved = parameter.clone()
+        parameter.add_(1.0)
+        try:
+            assert weights_hash(model) != before
+        finally:
+            parameter.copy_(saved)
+    assert weights_hash(model) == before

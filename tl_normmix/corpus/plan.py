@@ -23,7 +23,7 @@ from tl_normmix.corpus.conllu import POLICY, Sentence, read_conllu
 
 __all__ = ["SCHEMA", "Plan", "fingerprint", "make_plan", "mismatch", "weights_hash"]
 
-SCHEMA = 1
+SCHEMA = 2  # 2: exemplars need EXEMPLAR_MIN_WORDS words
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,16 @@ def make_plan(
 
 
 def weights_hash(model: Any) -> str:
-    """SHA-256 over the model's parameters and buffers (names, dtypes, shapes, values)."""
+    """SHA-256 over the parameters and buffers the maps depend on — the embeddings and the blocks
+    (names, dtypes, shapes, values). Output heads are left out: an encoder loaded without its
+    trained head gets a freshly initialised one at every load (MiniLM's ``mlm_head``)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    state: dict[str, Any] = {}
+    for part in ("embed", "pos_embed", "blocks"):
+        module = getattr(model, part, None)
+        if module is not None:
+            state |= {f"{part}.{k}": v for k, v in module.state_dict().items()}
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -20,7 +20,8 @@ norms are both shares of what the row receives (a no-op for attention weights).
   ``Σα̃·[arc(i, j)]`` (``j`` is ``i``'s head / ``i`` is ``j``'s head / either), distance
   ``Σα̃·(i − j)``, entropy ``−Σα̃ log α̃`` over rows with at most 90 % on the first token.
 * **Exemplar scores**: per map, the sentence's mean of a row statistic (dependency alignment
-  "either", distance, first-token share) and the row that maximises it.
+  "either", distance, first-token share) and the row that maximises it; sentences of fewer than
+  ``EXEMPLAR_MIN_WORDS`` words are no candidates (in a two-word sentence every row is an arc).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "DIRECTIONS",
+    "EXEMPLAR_MIN_WORDS",
     "EXEMPLAR_STATISTICS",
     "KINDS",
     "OFFSETS",
@@ -109,6 +111,7 @@ OFFSETS = (-3, -2, -1, 0, 1, 2)
 KINDS = ("cls", "sep", "first", "punct")
 VARIANTS = ("head", "dependent", "either")
 EXEMPLAR_STATISTICS = ("dependency_alignment", "distance", "first")
+EXEMPLAR_MIN_WORDS = 6
 FIRST_TOKEN_CUTOFF = 0.9  # entropy: rows with more on the first token are left out (V&B)
 
 
@@ -232,7 +235,7 @@ def sentence_sums(maps: Float[Tensor, "map pos pos"], labels: SentenceLabels) ->
 
     # Exemplars: per map, the sentence's mean of three row statistics and the best row.
     per_row = torch.stack([per_row_dep[..., 2], per_row_distance, first_share], -1)  # [m, r, 3]
-    if row_index.numel():
+    if row_index.numel() and w >= EXEMPLAR_MIN_WORDS:
         score = per_row.mean(1)
         best = row_index[per_row.argmax(1)]
     else:
