@@ -270,8 +270,9 @@ def test_minilm_corpus_clark_and_kobayashi(minilm, tmp_path):
 
 
 def test_smollm2_corpus_first_token_by_weight_and_by_norm(smollm2, tmp_path):
-    """Measured on EWT dev + test: from layer 3 on the first token gets 0.45–0.89 of the weight
-    but 0.25–0.82 by norm, less in every layer."""
+    """Measured on EWT dev + test: in the 25 layers where the first token takes 0.45–0.89 of
+    the weight (3–9, 12–29) it gets 0.25–0.46 by norm (0.82 in layer 24); in layers 0–2 and
+    10–11 it gets ≤ 0.24 of the weight and slightly more by norm."""
     res = nm.corpus.analyse(
         smollm2, EWT_DEV, tmp_path / "run", ("attn_w", "attn_n"), max_sentences=150, progress=False
     )
@@ -281,5 +282,7 @@ def test_smollm2_corpus_first_token_by_weight_and_by_norm(smollm2, tmp_path):
         return s[(s["head"] == -1) & (s.kind == "first")].set_index("layer").share
 
     weight, norm = first("attn_w"), first("attn_n")
-    assert all(norm[layer] < weight[layer] for layer in range(3, 30))
-    assert all(weight[layer] > 0.3 for layer in range(3, 10))
+    sink_layers = [layer for layer in weight.index if weight[layer] > 0.3]
+    assert len(sink_layers) >= 20
+    assert all(norm[layer] < weight[layer] for layer in sink_layers)
+    assert all(weight[layer] < 0.3 for layer in (0, 1, 10, 11))

@@ -33,11 +33,12 @@ def corpus_model(family: str, hf_root: Path):
     """The tiny model of ``family`` with the word-level tokenizer on either TransformerLens."""
     import tiny_models
 
-    model = tiny_models.build(tiny_models.Case(family, "raw"), hf_root)
-    if getattr(model, "tokenizer", None) is None:  # TransformerLens 2.x tiny models
-        tokenizer = tiny_models._word_tokenizer()
-        if hasattr(model, "set_tokenizer"):
-            model.set_tokenizer(tokenizer)
-        else:
-            model.tokenizer = tokenizer
+    case = tiny_models.Case(family, "raw")
+    if getattr(tiny_models.build(case, hf_root), "tokenizer", None) is not None:
+        return tiny_models.build(case, hf_root)
+    # TransformerLens 2.x tiny models have no tokenizer: give one to a fresh copy (the cached
+    # model is shared with tests that expect none)
+    model = tiny_models.build(case, hf_root, fresh=True)
+    model.tokenizer = tiny_models._word_tokenizer()
+    model.cfg.tokenizer_prepends_bos = False  # what set_tokenizer would find for this tokenizer
     return model
