@@ -38,7 +38,7 @@ from tl_normmix.corpus.statistics import (
     VARIANTS,
     SentenceLabels,
     SentenceSums,
-    batch_sums,
+    sentence_sums,
 )
 from tl_normmix.maps import hook_filter, mixing_maps
 from tl_normmix.models.adapter import adapt
@@ -174,15 +174,10 @@ class ChunkAnalyser:
         acc = _Accumulator(self.entries, self.top_k, max((len(a) for _, a in todo), default=1))
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
-            stack = self._maps(batch)  # [sentence, entry, pos, pos], zero at padding
+            stacks = self._maps(batch)
             clock = time.perf_counter()
-            labels = [self.labels(aligned) for _, aligned in batch]
-            step = _sentences_per_pass(stack)
-            for first in range(0, len(batch), step):
-                part = stack[first : first + step]
-                sums = batch_sums(part, labels[first : first + step])
-                members = batch[first : first + step]
-                acc.add([sid for sid, _ in members], [len(a) for _, a in members], part, sums)
+            for (sid, aligned), maps in zip(batch, stacks, strict=True):
+                acc.add(sid, maps, sentence_sums(maps, self.labels(aligned)))
             self.seconds["statistics"] += time.perf_counter() - clock
         status = pd.DataFrame(
             {
@@ -225,8 +220,8 @@ class ChunkAnalyser:
         )
         return Tables(pd.concat([agg, extra, extra_tokens], ignore_index=True), top, status)
 
-    def _maps(self, batch: Sequence[tuple[int, Aligned]]) -> torch.Tensor:
-        """``[sentence, entry, pos, pos]`` (``self.entries`` order), zero at padding."""
+    def _maps(self, batch: Sequence[tuple[int, Aligned]]) -> list[torch.Tensor]:
+        """One ``[entry, n, n]`` stack per sentence of the batch (``self.entries`` order)."""
         model = self.model
         device = model.cfg.device
         tokens, mask, kwargs = self._inputs([a for _, a in batch])
@@ -238,17 +233,18 @@ class ChunkAnalyser:
             clock = time.perf_counter()
             maps = mixing_maps(model, cache, self.scopes, attention_mask=mask)
         del cache
-        parts = []
-        for scope in self.scopes:
-            layer_maps = maps.maps[scope].transpose(0, 1)  # [sentence, layer, q, k]
-            if self.per_head[scope]:
-                heads = maps.heads[scope].transpose(0, 1)  # [sentence, layer, head, q, k]
-                parts.append(torch.cat([heads, layer_maps[:, :, None]], 2).flatten(1, 2))
-            else:
-                parts.append(layer_maps)
-        real = mask.bool()
-        pair = (real[:, :, None] & real[:, None, :])[:, None]
-        out = torch.cat(parts, 1).float().nan_to_num(0.0).masked_fill(~pair, 0.0)
+        out = []
+        for row, (_, aligned) in enumerate(batch):
+            k = len(aligned)
+            parts = []
+            for scope in self.scopes:
+                layer_maps = maps.maps[scope][:, row, :k, :k]  # [layer, q, k]
+                if self.per_head[scope]:
+                    heads = maps.heads[scope][:, row, :, :k, :k]  # [layer, head, q, k]
+                    parts.append(torch.cat([heads, layer_maps[:, None]], 1).flatten(0, 1))
+                else:
+                    parts.append(layer_maps)
+            out.append(torch.cat(parts).float())
         _sync(device)
         self.seconds["maps"] += time.perf_counter() - clock
         return out
@@ -277,13 +273,6 @@ class ChunkAnalyser:
             tokens, _, kwargs = self._inputs(todo[start : start + self.batch_size])
             out.append((tokens, {"names_filter": self.names, **kwargs}))
         return out
-
-
-def _sentences_per_pass(stack: torch.Tensor, budget: int = 2**26) -> int:
-    """Sentences per vectorised statistics pass: float64 ``[entry, pos, pos]`` temporaries of
-    about ``budget`` bytes (a handful of them are live at once)."""
-    _, m, n, _ = stack.shape
-    return max(1, budget // (8 * m * n * n))
 
 
 def _sync(device: Any) -> None:
@@ -326,16 +315,14 @@ class _Accumulator:
         self.best_len = torch.zeros(m, s, k, dtype=torch.long)
         self.best_rows = torch.zeros(m, s, k, max_len, dtype=torch.float32)
 
-    def add(
-        self, sids: list[int], lengths: list[int], maps: torch.Tensor, sums: SentenceSums
-    ) -> None:
-        """Add a batch's sums; merge its exemplar candidates (in sentence order) into the top-k."""
+    def add(self, sid: int, maps: torch.Tensor, sums: SentenceSums) -> None:
         sums = _to_cpu(sums)
         self.clark += sums.clark_correct
         self.clark_count += sums.clark_count
         self.offset += sums.offset_correct
-        self.special += sums.special
-        self.special_count += sums.special_count
+        exists = ~sums.special[0].isnan()
+        self.special += sums.special.nan_to_num(0.0)
+        self.special_count += exists.double() * sums.words
         self.pos += sums.pos
         self.dependency += sums.dependency
         self.distance += sums.distance
@@ -344,23 +331,21 @@ class _Accumulator:
         self.entropy_rows += sums.entropy_rows
         # running top-k: candidates after the kept ones, stable sort → ties keep the lower id
         m, s, _ = self.best.shape
-        b, _, n, _ = maps.shape
-        score = sums.exemplar_score.nan_to_num(float("-inf")).permute(1, 2, 0)  # [m, s, b]
-        query = sums.exemplar_row.permute(1, 2, 0)  # [m, s, b]
+        n = maps.shape[-1]
+        score = sums.exemplar_score.nan_to_num(float("-inf"))
         rows = maps.cpu().float()
-        rows = rows / rows.sum(-1, keepdim=True).clamp_min(1e-30)  # [b, m, n, n]
-        index = sums.exemplar_row[..., None].expand(-1, -1, -1, n)  # [b, m, s, n]
-        chosen = rows.gather(2, index).permute(1, 2, 0, 3)  # [m, s, b, n]
-        padded = torch.zeros(m, s, b, self.best_rows.shape[-1])
-        padded[..., :n] = chosen
-        scores = torch.cat([self.best, score], -1)
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(1e-30)
+        chosen = rows[torch.arange(m)[:, None], sums.exemplar_row]  # [m, s, n]
+        padded = torch.zeros(m, s, 1, self.best_rows.shape[-1])
+        padded[..., :n] = chosen[:, :, None]
+        scores = torch.cat([self.best, score[..., None]], -1)
         order = scores.sort(dim=-1, descending=True, stable=True).indices[..., : self.k]
         self.best = scores.gather(-1, order)
-        ids = torch.tensor(sids).expand(m, s, b)
-        self.best_id = torch.cat([self.best_id, ids], -1).gather(-1, order)
-        self.best_query = torch.cat([self.best_query, query], -1).gather(-1, order)
-        sizes = torch.tensor(lengths).expand(m, s, b)
-        self.best_len = torch.cat([self.best_len, sizes], -1).gather(-1, order)
+        self.best_id = torch.cat([self.best_id, torch.full((m, s, 1), sid)], -1).gather(-1, order)
+        self.best_query = torch.cat([self.best_query, sums.exemplar_row[..., None]], -1).gather(
+            -1, order
+        )
+        self.best_len = torch.cat([self.best_len, torch.full((m, s, 1), n)], -1).gather(-1, order)
         all_rows = torch.cat([self.best_rows, padded], 2)
         self.best_rows = all_rows.gather(2, order[..., None].expand(-1, -1, -1, all_rows.shape[-1]))
 

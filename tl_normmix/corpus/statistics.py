@@ -43,7 +43,6 @@ __all__ = [
     "VARIANTS",
     "SentenceLabels",
     "SentenceSums",
-    "batch_sums",
     "sentence_sums",
 ]
 
@@ -134,159 +133,120 @@ class SentenceLabels:
 
 @dataclass
 class SentenceSums:
-    """Partial sums of a batch of sentences (float64 on the maps' device), and per sentence
-    the exemplar scores."""
+    """Partial sums of one sentence (float64 on the maps' device)."""
 
     clark_correct: Float[Tensor, "map 2 rel"]
     clark_count: Float[Tensor, " rel"]
     offset_correct: Float[Tensor, "6 rel"]
-    special: Float[Tensor, "map 4"]
-    special_count: Float[Tensor, " 4"]  # receiving words of sentences where the kind exists
+    special: Float[Tensor, "map 4"]  # nan where the kind does not exist
+    words: int
     pos: Float[Tensor, "map upos"]
     dependency: Float[Tensor, "map 3"]
     distance: Float[Tensor, " map"]
     rows: Float[Tensor, " map"]
     entropy: Float[Tensor, " map"]
     entropy_rows: Float[Tensor, " map"]
-    exemplar_score: Float[Tensor, "sentence map 3"]  # nan: no candidate
-    exemplar_row: Int[Tensor, "sentence map 3"]
+    exemplar_score: Float[Tensor, "map 3"]
+    exemplar_row: Int[Tensor, "map 3"]
 
 
 def _one_hot(index: Tensor, size: int) -> Tensor:
-    """``[..., size]`` float64; rows of negative indices are zero."""
-    hot = torch.nn.functional.one_hot(index.clamp_min(0), size).double()
-    return hot * (index >= 0)[..., None]
-
-
-def _pad(values: list[Tensor], length: int, fill: int | bool) -> Tensor:
-    out = torch.full((len(values), length), fill, dtype=values[0].dtype)
-    for b, v in enumerate(values):
-        out[b, : v.shape[0]] = v
+    out = torch.zeros(index.shape[0], size, dtype=torch.float64, device=index.device)
+    valid = index >= 0
+    out[valid.nonzero().squeeze(-1), index[valid]] = 1.0
     return out
 
 
 def sentence_sums(maps: Float[Tensor, "map pos pos"], labels: SentenceLabels) -> SentenceSums:
     """The partial sums of METHODS §6 for every map of one sentence (see the module docstring)."""
-    return batch_sums(maps[None], [labels])
-
-
-def batch_sums(
-    maps: Float[Tensor, "sentence map pos pos"], labels: list[SentenceLabels]
-) -> SentenceSums:
-    """``sentence_sums`` of a right-padded batch, summed over its sentences (the module
-    docstring has the statistics; positions and words beyond a sentence's own are padding)."""
     device = maps.device
-    _, m, n, _ = maps.shape
-    causal = labels[0].causal
-    n_tok = torch.tensor([lab.piece_word.shape[0] for lab in labels], device=device)
-    n_word = torch.tensor([lab.n_words for lab in labels], device=device)
-    w = max(int(n_word.max()), 1)
-    word = _pad([lab.piece_word for lab in labels], n, -1).to(device)  # [b, pos]
-    special = _pad([lab.special for lab in labels], n, False).to(device)
-    head = _pad([lab.head for lab in labels], w, -1).to(device)  # [b, word]
-    relation = _pad([lab.relation for lab in labels], w, -1).to(device)
-    upos = _pad([lab.upos for lab in labels], w, -1).to(device)
-    positions = torch.arange(n, device=device)
-    real = positions[None] < n_tok[:, None]  # [b, pos]
-    word_real = torch.arange(w, device=device)[None] < n_word[:, None]  # [b, word]
-    is_word = word >= 0
-
     a = maps.double()
     total = a.sum(-1, keepdim=True)
     a = torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a))
-    columns = _one_hot(word, w).transpose(1, 2)  # [b, word, pos]
-    rows = columns / columns.sum(-1, keepdim=True).clamp_min(1)
-    word_rows = rows[:, None] @ a  # [b, map, word, pos]
-    word_map = word_rows @ columns.transpose(1, 2)[:, None]  # [b, map, word, word]
+    m, n, _ = a.shape
+    w = labels.n_words
+    word = labels.piece_word.to(device)
+    is_word = word >= 0
+    columns = _one_hot(word, w).T  # [word, pos]: 1 where the token is the word's
+    rows = columns / columns.sum(-1, keepdim=True)
+    word_rows = rows @ a  # [map, word, pos]
+    word_map = word_rows @ columns.T  # [map, word, word]
 
     # Relation accuracy (both directions) and the offset baseline.
-    rel_hot = _one_hot(relation, len(RELATIONS))  # [b, word, rel]
-    rel_hot[..., RELATIONS.index("all")] = word_real.double()
+    head = labels.head.to(device)
+    relation = labels.relation.to(device)
+    rel_hot = _one_hot(relation, len(RELATIONS))
+    rel_hot[:, RELATIONS.index("all")] = 1.0
     eye = torch.eye(w, dtype=torch.bool, device=device)
-    blocked = (eye[None] | ~word_real[:, None, :])[:, None]  # [b, 1, word, word]
-    several = (n_word > 1)[:, None, None]
     correct = []
-    for direction in (word_map, word_map.transpose(2, 3)):
-        predicted = direction.masked_fill(blocked, float("-inf")).argmax(-1)  # [b, map, word]
-        hit = ((predicted == head[:, None]) & several).double()
-        correct.append(torch.einsum("bmw,bwr->mr", hit, rel_hot))
+    for direction in (word_map, word_map.transpose(1, 2)):
+        scores = direction.masked_fill(eye, float("-inf")) if w > 1 else direction
+        predicted = scores.argmax(-1)  # [map, word]
+        correct.append(((predicted == head) & (w > 1)).double() @ rel_hot)
     clark_correct = torch.stack(correct, 1)
-    clark_count = rel_hot.sum((0, 1))
-    index = torch.arange(w, device=device)[None]
-    last_word = (n_word - 1).clamp_min(0)[:, None]
+    clark_count = rel_hot.sum(0)
+    index = torch.arange(w, device=device)
     offset_correct = torch.stack(
-        [
-            torch.einsum(
-                "bw,bwr->r",
-                (torch.minimum((index + k).clamp_min(0), last_word) == head).double(),
-                rel_hot,
-            )
-            for k in OFFSETS
-        ]
+        [((index + k).clamp(0, w - 1) == head).double() @ rel_hot for k in OFFSETS]
     )
 
     # Special-token and punctuation share per receiving word.
-    last = (n_tok - 1).clamp_min(0)
-    at_last = word_rows.gather(-1, last[:, None, None, None].expand(-1, m, w, 1))[..., 0]
-    exists = torch.stack(
-        [
-            special[:, 0] & (not causal),
-            special.gather(1, last[:, None])[:, 0] & (n_tok > 1),
-            torch.full_like(special[:, 0], causal),
-            torch.ones_like(special[:, 0]),
-        ],
-        -1,
-    ).double()  # [b, kind]
+    special = labels.special.to(device)
+    nan = torch.full((m, w), float("nan"), dtype=torch.float64, device=device)
+    cls = word_rows[:, :, 0] if special[0] and not labels.causal else nan
+    last_special = bool(special[-1]) and n > 1
+    sep = word_rows[:, :, -1] if last_special else nan
+    first = word_rows[:, :, 0] if labels.causal else nan
+    upos = labels.upos.to(device)
     punct_word = upos == UPOS.index("PUNCT")
-    punct_tokens = is_word & punct_word.gather(1, word.clamp_min(0))
-    punct = (word_rows * punct_tokens[:, None, None, :]).sum(-1)
-    per_kind = torch.stack([word_rows[..., 0], at_last, word_rows[..., 0], punct], -1)
-    special_sum = torch.einsum("bmwk,bk->mk", per_kind, exists)
-    special_count = (exists * n_word[:, None]).sum(0)
+    punct_tokens = is_word & punct_word[word.clamp_min(0)]
+    punct = word_rows[:, :, punct_tokens].sum(-1)
+    special_sum = torch.stack([cls, sep, first, punct], -1).sum(1)
 
     # Vig & Belinkov: token rows of words, first and special columns left out, renormalised.
-    row_ok = is_word & (positions[None] > 0)  # [b, pos]
-    keep = ~special & real & (positions[None] > 0)
-    kept = a * keep[:, None, None, :]
-    mass = kept.sum(-1)  # [b, map, pos]
-    has_mass = (mass > 0) & row_ok[:, None]
-    share = torch.where(
-        has_mass[..., None], kept / mass.clamp_min(1e-300)[..., None], torch.zeros_like(kept)
-    )
-    tok_upos = torch.where(is_word, upos.gather(1, word.clamp_min(0)), -1)
-    pos_sum = torch.einsum("bmij,bju->mu", share, _one_hot(tok_upos, len(UPOS)))
-    tok_head = torch.where(is_word, head.gather(1, word.clamp_min(0)), -2)  # head word of token
-    is_head = (word[:, None, :] == tok_head[:, :, None]) & is_word[:, None, :]
-    is_dependent = (
-        (tok_head[:, None, :] == word[:, :, None]) & is_word[:, None, :] & is_word[:, :, None]
-    )
-    arcs = torch.stack([is_head, is_dependent, is_head | is_dependent], 1).double()
-    per_row_dep = torch.einsum("bmij,bvij->bmiv", share, arcs)  # [b, map, pos, 3]
-    dependency = per_row_dep.sum((0, 2))
-    gap = (positions[:, None] - positions[None, :]).double()
-    per_row_distance = (share * gap).sum(-1)  # [b, map, pos]
-    distance = per_row_distance.sum((0, 2))
-    rows_used = has_mass.double().sum((0, 2))
-    first_share = a[..., 0]  # [b, map, pos]
+    keep = ~special.clone()
+    keep[0] = False
+    row_index = (is_word & (torch.arange(n, device=device) > 0)).nonzero().squeeze(-1)
+    kept = a[:, row_index][:, :, keep]  # [map, row, col]
+    mass = kept.sum(-1, keepdim=True)
+    has_mass = mass.squeeze(-1) > 0
+    share = torch.where(mass > 0, kept / mass.clamp_min(1e-300), torch.zeros_like(kept))
+    col_index = keep.nonzero().squeeze(-1)
+    col_word = word[col_index]
+    row_word = word[row_index]
+    tok_upos = torch.where(col_word >= 0, upos[col_word.clamp_min(0)], -1)
+    pos_sum = (share @ _one_hot(tok_upos, len(UPOS))).sum(1)
+    row_head = head[row_word]  # [row]
+    col_head = torch.where(col_word >= 0, head[col_word.clamp_min(0)], -2)
+    is_head = (col_word[None, :] == row_head[:, None]) & (col_word[None, :] >= 0)
+    is_dependent = (col_head[None, :] == row_word[:, None]) & (col_word[None, :] >= 0)
+    arcs = torch.stack([is_head, is_dependent, is_head | is_dependent]).double()  # [3, row, col]
+    per_row_dep = torch.einsum("mrc,vrc->mrv", share, arcs)
+    dependency = per_row_dep.sum(1)
+    gap = (row_index[:, None] - col_index[None, :]).double()
+    per_row_distance = (share * gap).sum(-1)
+    distance = per_row_distance.sum(-1)
+    rows_used = has_mass.double().sum(-1)
+    first_share = a[:, row_index, 0]  # [map, row]
     plogp = torch.where(share > 0, share * share.clamp_min(1e-300).log(), torch.zeros_like(share))
     entropy_ok = has_mass & (first_share <= FIRST_TOKEN_CUTOFF)
-    entropy = (-plogp.sum(-1) * entropy_ok).sum((0, 2))
-    entropy_rows = entropy_ok.double().sum((0, 2))
+    entropy = (-plogp.sum(-1) * entropy_ok).sum(-1)
+    entropy_rows = entropy_ok.double().sum(-1)
 
-    # Exemplars: per sentence and map, the mean of three row statistics and the best row.
-    per_row = torch.stack([per_row_dep[..., 2], per_row_distance, first_share], -1)
-    candidate = row_ok[:, None, :, None]  # [b, 1, pos, 1]
-    count = row_ok.sum(-1).double()[:, None, None]
-    score = (per_row * candidate).sum(2) / count.clamp_min(1)  # [b, map, 3]
-    best = per_row.masked_fill(~candidate, float("-inf")).argmax(2)
-    eligible = (row_ok.any(-1) & (n_word >= EXEMPLAR_MIN_WORDS))[:, None, None]
-    score = torch.where(eligible, score, torch.full_like(score, float("nan")))
+    # Exemplars: per map, the sentence's mean of three row statistics and the best row.
+    per_row = torch.stack([per_row_dep[..., 2], per_row_distance, first_share], -1)  # [m, r, 3]
+    if row_index.numel() and w >= EXEMPLAR_MIN_WORDS:
+        score = per_row.mean(1)
+        best = row_index[per_row.argmax(1)]
+    else:
+        score = torch.full((m, 3), float("nan"), dtype=torch.float64, device=device)
+        best = torch.zeros(m, 3, dtype=torch.long, device=device)
     return SentenceSums(
         clark_correct=clark_correct,
         clark_count=clark_count,
         offset_correct=offset_correct,
         special=special_sum,
-        special_count=special_count,
+        words=w,
         pos=pos_sum,
         dependency=dependency,
         distance=distance,
