@@ -66,10 +66,15 @@ def _grids(result: CorpusResult, scopes: list[str]) -> list[Item]:
     items: list[Item] = []
     for statistic in per_scope[scopes[0]]:
         fig = Figure(figsize=(4.2 * len(scopes), 3.4), layout="constrained")
-        for i, scope in enumerate(scopes):
+        panels = [per_scope[scope][statistic] for scope in scopes]
+        heads = pd.concat([f[f["head"] >= 0] for f in panels])
+        low, high = float(heads.value.min()), float(heads.value.max())
+        for i, (scope, frame) in enumerate(zip(scopes, panels, strict=True)):
             ax = fig.add_subplot(1, len(scopes), i + 1)
-            plots.head_grid(per_scope[scope][statistic], "value", scope, ax=ax)
-        items.append(plots.figure_block(fig, title=statistic))
+            plots.head_grid(frame, "value", scope, ax=ax, vmin=low, vmax=high)
+        items.append(
+            plots.figure_block(fig, title=statistic, caption="one colour scale for all panels")
+        )
     return items
 
 
@@ -153,14 +158,6 @@ def build_corpus_report(result: CorpusResult, *, new_id: Any = None) -> str:
     header = f'<table class="tlnm-header">{header}</table>'
     per_head = [s for s in result.scopes if (result.distance(s)["head"] >= 0).any()]
     items: list[Item] = []
-    failures = result.failures()
-    if not failures.empty:
-        items.append(
-            Block(
-                _table(failures.head(50)),
-                title=f"Sentences not analysed in full ({len(failures)}; the first 50)",
-            )
-        )
     if per_head:
         items.append(Block("<h2>Heads: weights and norms side by side</h2>"))
         items.extend(_grids(result, per_head))
@@ -179,4 +176,14 @@ def build_corpus_report(result: CorpusResult, *, new_id: Any = None) -> str:
     if per_head:
         items.append(Block("<h2>Exemplar sentences (Vig & Belinkov 2019, §6)</h2>"))
         items.extend(_exemplars(result, per_head))
+    failures = result.failures()
+    if not failures.empty:  # the reason without its "path:line: " prefix (both are columns)
+        failures = failures.assign(reason=[r.split(": ", 1)[-1] for r in failures.reason])
+        items.append(
+            Block(
+                _table(failures.head(20)),
+                title=f"Sentences not analysed in full ({len(failures)}; the first 20)",
+                caption="res.failures() lists them all",
+            )
+        )
     return page(items, title=f"tl_normmix corpus — {fp['model']}", header=header, new_id=new_id)

@@ -140,12 +140,24 @@ def _finish(ax: Any, ylabel: str, title: str) -> None:
     ax.legend(fontsize="small")
 
 
-def head_grid(table: Any, value: str, title: str, *, ax: Any = None, cmap: str = "viridis") -> Any:
-    """A layer × head heat map of ``table[value]`` (a DataFrame with ``layer``, ``head``)."""
+def head_grid(
+    table: Any,
+    value: str,
+    title: str,
+    *,
+    ax: Any = None,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Any:
+    """A layer × head heat map of ``table[value]`` (a DataFrame with ``layer``, ``head``);
+    pass ``vmin``/``vmax`` to share one colour scale between grids shown side by side."""
     fig, ax = _axes(ax)
     per_head = table[table["head"] >= 0]
     grid = per_head.pivot_table(index="layer", columns="head", values=value, aggfunc="first")
-    image = ax.imshow(grid.to_numpy(), aspect="auto", cmap=cmap, origin="lower")
+    image = ax.imshow(
+        grid.to_numpy(), aspect="auto", cmap=cmap, origin="lower", vmin=vmin, vmax=vmax
+    )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize="medium")
