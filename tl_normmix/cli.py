@@ -131,6 +131,11 @@ def _text(args: argparse.Namespace) -> str:
     return check_text(text)
 
 
+def _scopes(text: str | None) -> list[str] | None:
+    """``--scopes a,b`` → ``["a", "b"]``; None when not given."""
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
 def _layers(args: argparse.Namespace) -> list[int] | None:
     if not args.layers:
         return None
@@ -148,7 +153,7 @@ def _report(args: argparse.Namespace) -> int:
     out = check_output_path(args.out)  # before any work
     text = _text(args)
     layers = _layers(args)
-    scopes = [s.strip() for s in args.scopes.split(",")] if args.scopes else None
+    scopes = _scopes(args.scopes)
     if not args.quiet:
         print(f"loading {args.model} ...", file=sys.stderr)
     model = nm.load_model(args.model, compatibility_mode=args.compatibility_mode)
@@ -169,7 +174,7 @@ def _patch(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = check_output_path(args.out)  # before any work
     text = _text(args)
-    scopes = [s.strip() for s in args.scopes.split(",")] if args.scopes else None
+    scopes = _scopes(args.scopes)
     model = nm.load_model(args.model, compatibility_mode=args.compatibility_mode)
     tokens = tokenize(model, text)
     page = (
@@ -215,7 +220,7 @@ def _corpus(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
         return 0
     start = time.perf_counter()
-    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    scopes = _scopes(args.scopes) or []
     result: corpus.CorpusResult | None = corpus.analyse(
         args.model,
         args.conllu,

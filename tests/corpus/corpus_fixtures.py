@@ -34,8 +34,9 @@ def corpus_model(family: str, hf_root: Path):
     import tiny_models
 
     case = tiny_models.Case(family, "raw")
-    if getattr(tiny_models.build(case, hf_root), "tokenizer", None) is not None:
-        return tiny_models.build(case, hf_root)
+    model = tiny_models.build(case, hf_root)
+    if getattr(model, "tokenizer", None) is not None:
+        return model
     # TransformerLens 2.x tiny models have no tokenizer: give one to a fresh copy (the cached
     # model is shared with tests that expect none)
     model = tiny_models.build(case, hf_root, fresh=True)

@@ -22,21 +22,15 @@ pytestmark = pytest.mark.skipif(
 ARGS = ["--scopes", "attn_w,attn_n", "--chunk-size", "2", "--batch-size", "2", "--quiet"]
 
 
+def _argv(folder, corpus, out):
+    """``tl-normmix corpus analyse`` arguments."""
+    return ["corpus", "analyse", "--model", str(folder), "--conllu", str(corpus), "--out",
+            str(out), *ARGS]  # fmt: skip
+
+
 def _command(folder, corpus, out):
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from tl_normmix.cli import main; sys.exit(main())",
-        "corpus",
-        "analyse",
-        "--model",
-        str(folder),
-        "--conllu",
-        str(corpus),
-        "--out",
-        str(out),
-        *ARGS,
-    ]
+    code = "import sys; from tl_normmix.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code, *_argv(folder, corpus, out)]
 
 
 def _interrupt(command, out, sig) -> int:
@@ -81,17 +75,7 @@ def test_status_reduce_and_report(hf_root, tmp_path, capsys):
     folder = save_hf_folder("bert", hf_root)
     corpus = write_conllu(tmp_path / "c.conllu", n=10)
     out = tmp_path / "run"
-    argv = [
-        "corpus",
-        "analyse",
-        "--model",
-        str(folder),
-        "--conllu",
-        str(corpus),
-        "--out",
-        str(out),
-        *ARGS,
-    ]
+    argv = _argv(folder, corpus, out)
     assert main([*argv, "--shard", "0/2"]) == 0
     assert "the other shards remain" in capsys.readouterr().out
     assert main(["corpus", "status", str(out)]) == 0

@@ -11,6 +11,7 @@ from corpus_fixtures import corpus_model, write_conllu
 
 import tl_normmix as nm
 from tl_normmix.corpus.chunk import ChunkAnalyser
+from tl_normmix.corpus.plan import make_plan
 from tl_normmix.corpus.store import Store
 
 SCOPES = ("attn_w", "attn_n", "attnres_n")
@@ -134,10 +135,8 @@ def test_shards_and_a_twice_committed_chunk_equal_one_run(hf_root, corpus, tmp_p
         assert (result is None) == (k < 2)  # the last shard finds every chunk done and reduces
     _equal(whole, nm.corpus.reduce(out))
     store = Store(out)
-    again = ChunkAnalyser(model, SCOPES, batch_size=4).run(
-        nm.corpus.analyse.__globals__["make_plan"]([corpus], 7).chunk(1)
-    )
-    store.commit(1, {"agg": again.agg, "top": again.top, "sentences": again.sentences})
+    again = ChunkAnalyser(model, SCOPES, batch_size=4).run(make_plan([corpus], 7).chunk(1))
+    store.commit(1, again)
     _equal(whole, nm.corpus.reduce(out))
     _equal(whole, nm.corpus.reduce(out))  # idempotent
 

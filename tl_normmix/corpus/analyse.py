@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tl_normmix.corpus.chunk import ChunkAnalyser, ModelSpec, Tables
+from tl_normmix.corpus.chunk import ChunkAnalyser, ModelSpec
 from tl_normmix.corpus.engines import run_local, run_ray
 from tl_normmix.corpus.plan import fingerprint, make_plan, mismatch
 from tl_normmix.corpus.reduce import reduce
 from tl_normmix.corpus.results import CorpusResult
-from tl_normmix.corpus.store import Store
+from tl_normmix.corpus.store import Store, Tables
 
 __all__ = ["analyse", "parse_shard", "status"]
 
@@ -144,7 +144,7 @@ def analyse(
     )
 
     def commit(chunk: int, tables: Tables) -> None:
-        store.commit(chunk, {"agg": tables.agg, "top": tables.top, "sentences": tables.sentences})
+        store.commit(chunk, tables)
         if bar is not None:
             bar.update(sizes[chunk])
 

@@ -40,12 +40,13 @@ from tl_normmix.corpus.statistics import (
     SentenceSums,
     sentence_sums,
 )
+from tl_normmix.corpus.store import Tables
 from tl_normmix.maps import hook_filter, mixing_maps
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.editing import editor
 from tl_normmix.scopes import resolve_scopes
 
-__all__ = ["ChunkAnalyser", "ModelSpec", "Tables"]
+__all__ = ["ChunkAnalyser", "ModelSpec"]
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,6 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here; use cpu or auto.")
     return device
-
-
-@dataclass
-class Tables:
-    agg: pd.DataFrame
-    top: pd.DataFrame
-    sentences: pd.DataFrame
 
 
 class ChunkAnalyser:

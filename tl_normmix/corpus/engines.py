@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tl_normmix.corpus.chunk import ChunkAnalyser, ModelSpec, Tables
+from tl_normmix.corpus.chunk import ChunkAnalyser, ModelSpec
 from tl_normmix.corpus.conllu import Sentence, Surface, Word
+from tl_normmix.corpus.store import PARTS, Tables
 
 __all__ = ["run_local", "run_ray"]
 
@@ -74,7 +75,7 @@ class _RayChunk:
         for chunk, payload in zip(batch["chunk"], batch["payload"], strict=True):
             tables = self.analyser.run(_decode(str(payload)))
             out["chunk"].append(int(chunk))
-            for kind in ("top", "sentences", "agg"):
+            for kind in PARTS:
                 out[kind].append(_to_bytes(getattr(tables, kind)))
         return {
             k: np.asarray(v, dtype=object if k != "chunk" else np.int64) for k, v in out.items()
@@ -114,7 +115,5 @@ def run_ray(
         num_gpus=gpus_per_actor,
     )
     for row in dataset.iter_rows():
-        tables = Tables(
-            **{k: pd.read_parquet(io.BytesIO(row[k])) for k in ("agg", "top", "sentences")}
-        )
+        tables = Tables(**{k: pd.read_parquet(io.BytesIO(row[k])) for k in PARTS})
         commit(int(row["chunk"]), tables)

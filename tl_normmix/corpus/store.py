@@ -16,14 +16,24 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-__all__ = ["PARTS", "Store"]
+__all__ = ["PARTS", "Store", "Tables"]
 
 PARTS = ("top", "sentences", "agg")  # commit order: agg last
+
+
+@dataclass
+class Tables:
+    """One chunk's parts: partial sums (``agg``), top-k exemplars, sentence statuses."""
+
+    agg: pd.DataFrame
+    top: pd.DataFrame
+    sentences: pd.DataFrame
 
 
 class Store:
@@ -69,10 +79,10 @@ class Store:
             return set()
         return {int(p.stem.split("-")[1]) for p in folder.glob("chunk-*.parquet")}
 
-    def commit(self, chunk: int, tables: dict[str, pd.DataFrame]) -> None:
+    def commit(self, chunk: int, tables: Tables) -> None:
         """Write the chunk's parts, ``agg`` last (its existence marks the chunk done)."""
         for kind in PARTS:
-            self.write_table(self.part(kind, chunk), tables[kind])
+            self.write_table(self.part(kind, chunk), getattr(tables, kind))
 
     def read_part(self, kind: str, chunk: int) -> pd.DataFrame:
         return pd.read_parquet(self.part(kind, chunk))

@@ -223,7 +223,7 @@ def knock_out(
         indices = [k for k, e in enumerate(edges) if e.layer == layer]
         for first in range(0, len(indices), per_forward):
             chunk = indices[first : first + per_forward]
-            hook = _edit_hook(
+            hook = _EditHook(
                 ed, mode, inputs, source, layer, [edges[k] for k in chunk], [rows[k] for k in chunk]
             )
             repeat = len(chunk)
@@ -405,15 +405,3 @@ class _EditHook:
             delta = torch.where(self.head_mask[..., None], renormed - live, 0.0).to(z.dtype)
         heads.index_put_((self.rows, self.positions), delta, accumulate=True)
         return z
-
-
-def _edit_hook(
-    ed: Editor,
-    mode: str,
-    inputs: RunInputs,
-    source: _Source | None,
-    layer: int,
-    edges: list[Edge],
-    rows: list[dict[int, tuple[int, int]]],
-) -> _EditHook:
-    return _EditHook(ed, mode, inputs, source, layer, edges, rows)
