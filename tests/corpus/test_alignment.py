@@ -94,3 +94,34 @@ def test_text_that_does_not_match_the_forms_is_named(tmp_path):
     )
     with pytest.raises(AlignmentError, match="do not spell it"):
         align(read_conllu(path)[0], _word_tokenizer(), [])
+
+
+@pytest.mark.real
+def test_hand_worked_word_map_predicts_heads(tmp_path):
+    """Every token attends to "like": Clark's word map (columns summed over a word's tokens,
+    rows averaged, [CLS]/[SEP] left out) predicts "like" as the head of every other word —
+    right for the five words that depend on it, wrong for "unaffable" (head "cats") and the
+    root."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tl_normmix.corpus.chunk import sentence_labels
+    from tl_normmix.corpus.statistics import RELATIONS, sentence_sums
+    from tl_normmix.models.loading import _packaged_path
+
+    tokenizer = AutoTokenizer.from_pretrained(_packaged_path("all-MiniLM-L6-v2"))
+    path = tmp_path / "hand.conllu"
+    path.write_text(HAND, encoding="utf-8")
+    sentence = read_conllu(path)[0]
+    aligned = align(sentence, tokenizer, tokenizer(sentence.text)["input_ids"])
+    labels = sentence_labels(aligned, causal=False)
+    n = len(aligned)
+    like = aligned.piece_word.index(3)
+    maps = torch.full((1, n, n), 1e-3)
+    maps[0, :, like] = 1.0
+    sums = sentence_sums(maps, labels)
+    correct = sums.clark_correct[0, 0]  # dep→head
+    assert correct[RELATIONS.index("all")] == 5
+    for relation in ("nsubj", "aux", "advmod", "obj", "punct"):
+        assert correct[RELATIONS.index(relation)] == 1
+    assert correct[RELATIONS.index("amod")] == 0 and correct[RELATIONS.index("root")] == 0

@@ -46,7 +46,7 @@ from tl_normmix.models.adapter import adapt
 from tl_normmix.models.editing import editor
 from tl_normmix.scopes import resolve_scopes
 
-__all__ = ["ChunkAnalyser", "ModelSpec"]
+__all__ = ["ChunkAnalyser", "ModelSpec", "sentence_labels"]
 
 
 @dataclass(frozen=True)
@@ -143,21 +143,7 @@ class ChunkAnalyser:
         return _truncated(aligned, self.n_ctx), "truncated", reason + "; truncated"
 
     def labels(self, aligned: Aligned) -> SentenceLabels:
-        words = aligned.sentence.words
-        keep = sorted({w for w in aligned.piece_word if w >= 0})
-        renumber = {old: new for new, old in enumerate(keep)}
-        rel = {r: i for i, r in enumerate(RELATIONS)}
-        upos = {u: i for i, u in enumerate(UPOS)}
-        return SentenceLabels(
-            piece_word=torch.tensor([renumber.get(w, -1) for w in aligned.piece_word]),
-            special=torch.tensor(aligned.special),
-            head=torch.tensor([renumber.get(words[w].head, -1) for w in keep], dtype=torch.long),
-            relation=torch.tensor(
-                [rel.get(words[w].deprel, rel["other"]) for w in keep], dtype=torch.long
-            ),
-            upos=torch.tensor([upos.get(words[w].upos, -1) for w in keep], dtype=torch.long),
-            causal=self.causal,
-        )
+        return sentence_labels(aligned, self.causal)
 
     # -- one chunk --------------------------------------------------------------------------
     def run(self, sentences: Sequence[tuple[int, Sentence]]) -> Tables:
@@ -267,6 +253,26 @@ class ChunkAnalyser:
             tokens, _, kwargs = self._inputs(todo[start : start + self.batch_size])
             out.append((tokens, {"names_filter": self.names, **kwargs}))
         return out
+
+
+def sentence_labels(aligned: Aligned, causal: bool) -> SentenceLabels:
+    """The tensors ``sentence_sums`` reads: words renumbered over those that kept a token (all of
+    them unless the sentence was truncated), relations and parts of speech as indices."""
+    words = aligned.sentence.words
+    keep = sorted({w for w in aligned.piece_word if w >= 0})
+    renumber = {old: new for new, old in enumerate(keep)}
+    rel = {r: i for i, r in enumerate(RELATIONS)}
+    upos = {u: i for i, u in enumerate(UPOS)}
+    return SentenceLabels(
+        piece_word=torch.tensor([renumber.get(w, -1) for w in aligned.piece_word]),
+        special=torch.tensor(aligned.special),
+        head=torch.tensor([renumber.get(words[w].head, -1) for w in keep], dtype=torch.long),
+        relation=torch.tensor(
+            [rel.get(words[w].deprel, rel["other"]) for w in keep], dtype=torch.long
+        ),
+        upos=torch.tensor([upos.get(words[w].upos, -1) for w in keep], dtype=torch.long),
+        causal=causal,
+    )
 
 
 def _sync(device: Any) -> None:
