@@ -139,3 +139,53 @@ def _double_ff(mlp):
             if isinstance(getattr(mlp, f.name), torch.Tensor)
         },
     )
+
+
+# -- the peers' per-layer maps (METHODS §4) -------------------------------------------------------
+
+
+def globenc(t, mask: torch.Tensor) -> Stage:
+    """GlobEnc's vectors: ``attnresln`` (LN1 output space) through LN2's frozen map, no FF."""
+    stage = plus_residual(t, through(t, t.layout.attn_out, attention(t, mask)))
+    return through(t, (*t.layout.mid, *t.layout.post), stage)
+
+
+def alti_parts(t, mask: torch.Tensor) -> Stage:
+    """``T_i(x_j)`` and the bias terms of the attention sublayer's resultant ``y_i``."""
+    stage = plus_residual(t, through(t, t.layout.attn_out, attention(t, mask)))
+    return through(t, t.layout.mid, stage)
+
+
+def l1_contributions(parts: torch.Tensor, whole: torch.Tensor, floor: float = 0.0):
+    """``max(‖y‖₁ − ‖y − part‖₁, floor)`` for parts ``[..., d]`` against ``whole`` broadcast."""
+    return (whole.abs().sum(-1) - (whole - parts).abs().sum(-1)).clamp_min(floor)
+
+
+def alti(t, mask: torch.Tensor) -> torch.Tensor:
+    """ALTI's per-layer map ``[b, i, j]``, rows normalised over real keys."""
+    parts, bias = alti_parts(t, mask)
+    whole = parts.sum(2) + bias
+    c = l1_contributions(parts, whole[:, :, None])
+    c = c.masked_fill(~(mask[:, :, None] & mask[:, None, :]), 0.0)
+    return c / c.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def alti_routes(t, mask: torch.Tensor, floor: float = 0.0):
+    """Per (head, source) parts and the residual part, normalised together per receiver:
+    ``([b, h, i, j], [b, i])``; each head's term pushed through the chains on its own."""
+    pair = mask[:, None, :, None] & mask[:, None, None, :]
+    alpha = t.pattern.double().masked_fill(~pair, 0.0)
+    f = torch.einsum("bjhd,hdm->bjhm", t.v.double(), t.W_O.double())
+    per_head = torch.einsum("bhij,bjhm->bijhm", alpha, f)  # [b, i, j, h, d]
+    b, n, _, h, d = per_head.shape
+    flat = per_head.reshape(b, n, n * h, d)
+    zero = torch.zeros(b, n, d, dtype=torch.float64)
+    heads, _ = through(t, (*t.layout.attn_out, *t.layout.mid), (flat, zero))
+    residual, _ = through(t, t.layout.mid, (t["resid_pre"].double()[:, :, None], zero))
+    parts, bias = alti_parts(t, mask)
+    whole = parts.sum(2) + bias
+    c_heads = l1_contributions(heads, whole[:, :, None], floor).view(b, n, n, h)
+    c_heads = c_heads.masked_fill(~mask[:, None, :, None], 0.0)
+    c_res = l1_contributions(residual[:, :, 0], whole, floor)
+    total = c_heads.sum(dim=(2, 3)) + c_res
+    return (c_heads / total[:, :, None, None]).permute(0, 3, 1, 2), c_res / total

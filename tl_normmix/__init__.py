@@ -7,7 +7,8 @@
 >>> nm.views.heads(maps, "attn_w", layer=0)        # CircuitsVis, offline; nm.plots: matplotlib
 """
 
-from tl_normmix import corpus
+from tl_normmix import analysis, corpus
+from tl_normmix.aggregate import rollout
 from tl_normmix.analysis import AmplifiedPair, contextualization_change, diff, ff_amplified_pairs
 from tl_normmix.interventions.agreement import Agreement, agreement
 from tl_normmix.interventions.attribution import EdgeAttribution, edge_attribution
@@ -48,6 +49,7 @@ __all__ = [
     "VerificationError",
     "adapt",
     "agreement",
+    "analysis",
     "contextualization_change",
     "corpus",
     "diff",
@@ -62,5 +64,6 @@ __all__ = [
     "mixing_maps",
     "on_hidden_states",
     "plots",
+    "rollout",
     "views",
 ]

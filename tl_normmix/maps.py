@@ -21,9 +21,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from tl_normmix.decompose import attention
+from tl_normmix.decompose import alti, attention
 from tl_normmix.decompose.attention_block import ATTENTION_STAGES, layer_maps, mask_padding
-from tl_normmix.decompose.blocks import LayerTensors
+from tl_normmix.decompose.blocks import LayerTensors, Stage
 from tl_normmix.decompose.whole_layer import WHOLE_LAYER_STAGES, FFOptions, whole_layer_maps
 from tl_normmix.models.adapter import ModelAdapter, adapt
 from tl_normmix.models.checks import verify_layer
@@ -61,6 +61,9 @@ class MixingMaps:
         causal: whether queries attend only to earlier keys (the model's attention direction).
         verification: layer -> ``{identity: relative error}`` of the self-check
             (``models.checks``); empty when ``verify=False``.
+        residual_share: ``"alti"`` -> ``[layer, batch, query]``: the share of the residual part
+            among the per-head parts of ``heads["alti"]`` (information-flow routes, METHODS §4);
+            built with them on first access. NaN at padding.
     """
 
     layers: tuple[int, ...]
@@ -78,6 +81,9 @@ class MixingMaps:
     )
     causal: bool = True
     verification: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)
+    residual_share: Mapping[str, Float[Tensor, "layer batch query_pos"]] = field(
+        default_factory=dict, repr=False
+    )
 
     def __getitem__(self, scope: str) -> Float[Tensor, "layer batch query_pos key_pos"]:
         if scope not in self.maps:
@@ -150,6 +156,7 @@ def mixing_maps(
     chunk_size: int | None = None,
     progress: bool = False,
     verify: bool = True,
+    alti_floor: float = 0.0,
 ) -> MixingMaps:
     """Compute the context-mixing maps of ``scopes`` from ``cache`` (METHODS.md §1–3).
 
@@ -173,6 +180,9 @@ def mixing_maps(
         progress: show a progress bar over the layers (tqdm; stderr or the notebook).
         verify: check, per layer, the identities the maps rest on (``models.checks``) and raise
             ``VerificationError`` instead of returning maps where one fails.
+        alti_floor: ``heads["alti"]``: the least contribution of a part before the parts of a row
+            are normalised (llm-transparency-tool uses 1e-5, which gives exact zeros such as
+            future tokens a small share); 0 keeps them zero.
     """
     adapter = adapt(model)
     wanted = resolve_scopes(scopes)
@@ -183,7 +193,7 @@ def mixing_maps(
     optional = check_roles(wanted, layout) - roles if verify else frozenset()
     attention_stages = {n: s for n, s in stages.items() if s in ATTENTION_STAGES}
     whole = {n: s for n, s in stages.items() if s in WHOLE_LAYER_STAGES}
-    through_ff = bool(whole)
+    through_ff = bool(whole) or Stage.GLOBENC in stages.values()
     options = FFOptions(quadrature_points=quadrature_points, chunk_size=chunk_size)
     outputs: dict[str, Tensor] = {}
     ratios: dict[str, Tensor] = {}
@@ -191,6 +201,7 @@ def mixing_maps(
     checked: dict[int, dict[str, float]] = {}
     patterns: list[Tensor] = []
     norms: list[Tensor] = []
+    routes: list[Callable[[], alti.AltiInputs]] = []
     mask: Tensor | None = None
     bar = tqdm(layer_list, desc="mixing maps", unit="layer", disable=not progress)
     for index, layer in enumerate(bar):
@@ -230,13 +241,19 @@ def mixing_maps(
             patterns.append(result.pattern)
         if result.value_norms is not None:
             norms.append(result.value_norms)
+        if result.routes is not None:
+            routes.append(result.routes)
     assert mask is not None
     stacked_norms = torch.stack(norms) if norms else None
     names = [s.name for s in wanted]
+    alti_names = [n for n, s in stages.items() if s is Stage.ALTI]
+    lazy_routes = Routes(routes, mask, alti_floor) if routes else None
     return MixingMaps(
         layers=tuple(layer_list),
         maps={name: outputs[name] for name in names},
-        heads=HeadMaps(tuple(s.name for s in wanted if s.has_heads), patterns, stacked_norms),
+        heads=HeadMaps(
+            tuple(s.name for s in wanted if s.has_heads), patterns, stacked_norms, lazy_routes
+        ),
         ratios={name: ratios[name] for name in names},
         mask=mask,
         convention=adapter.spec.convention,
@@ -247,6 +264,7 @@ def mixing_maps(
         completeness={name: completeness[name] for name in whole},
         causal=adapter.spec.causal,
         verification=checked,
+        residual_share=ResidualShare(lazy_routes) if alti_names and lazy_routes else {},
     )
 
 
@@ -279,11 +297,16 @@ class HeadMaps(Mapping[str, Tensor]):
     """
 
     def __init__(
-        self, scopes: tuple[str, ...], patterns: list[Tensor], value_norms: Tensor | None
+        self,
+        scopes: tuple[str, ...],
+        patterns: list[Tensor],
+        value_norms: Tensor | None,
+        routes: Routes | None = None,
     ) -> None:
         self._scopes = scopes
         self._patterns = patterns
         self._value_norms = value_norms
+        self._routes = routes
         self._built: dict[str, Tensor] = {}
 
     def __getitem__(self, scope: str) -> Tensor:
@@ -291,6 +314,9 @@ class HeadMaps(Mapping[str, Tensor]):
             raise KeyError(
                 f"No per-head map for {scope!r}; per-head maps computed: {list(self._scopes)}."
             )
+        if scope == "alti":
+            assert self._routes is not None
+            return self._routes.parts()[0]
         if scope not in self._built:
             pattern = torch.stack(self._patterns)
             if scope == "attn_n":
@@ -306,6 +332,47 @@ class HeadMaps(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._scopes)
+
+
+class Routes:
+    """ALTI per (head, source) with the residual as its own part (information-flow routes,
+    METHODS §4), for every computed layer: ``N²·H·d`` work per layer, so built on first access."""
+
+    def __init__(
+        self, inputs: list[Callable[[], alti.AltiInputs]], mask: Tensor, floor: float
+    ) -> None:
+        self._inputs = inputs
+        self._mask = mask
+        self._floor = floor
+        self._built: tuple[Tensor, Tensor] | None = None
+
+    def parts(self) -> tuple[Tensor, Tensor]:
+        """``([layer, batch, head, query, key], [layer, batch, query])``: the heads' and the
+        residual's shares."""
+        if self._built is None:
+            layers = [
+                alti.alti_routes(rebuild(), self._mask, self._floor) for rebuild in self._inputs
+            ]
+            self._built = (torch.stack([h for h, _ in layers]), torch.stack([r for _, r in layers]))
+        return self._built
+
+
+class ResidualShare(Mapping[str, Tensor]):
+    """``residual_share["alti"]``: the residual part's share of each receiver (lazy)."""
+
+    def __init__(self, routes: Routes) -> None:
+        self._routes = routes
+
+    def __getitem__(self, scope: str) -> Tensor:
+        if scope != "alti":
+            raise KeyError(f"A residual share exists for 'alti' only, not {scope!r}.")
+        return self._routes.parts()[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("alti",))
+
+    def __len__(self) -> int:
+        return 1
 
 
 def _roles(scopes: Iterable[Scope], adapter: ModelAdapter, value_norms: bool) -> frozenset[str]:

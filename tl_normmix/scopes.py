@@ -16,6 +16,7 @@ from tl_normmix.decompose.blocks import MULTIPLIER, BlockLayout, Stage
 
 __all__ = [
     "SCOPES",
+    "THROUGH_FF",
     "WHOLE_LAYER_SCOPES",
     "Scope",
     "UnsupportedScopeError",
@@ -63,6 +64,21 @@ SCOPES: dict[str, Scope] = {
         Scope("attnreslnffres_n", Stage.FF_RES, False, "§3", "‖IG_ij + residual parts‖ (+RES2)"),
         Scope("attnreslnffresln_n", Stage.OUT, False, "§3", "post-LN: ‖g_i(IG_ij + parts)‖ (+LN2)"),
         Scope("layer_n", Stage.OUT, False, "§3", "the whole block output, split by source"),
+        Scope(
+            "globenc_n",
+            Stage.GLOBENC,
+            False,
+            "§4",
+            "GlobEnc (post-LN): ‖g2_i(g1_i(Σ_h α f + δ x))‖, LN2 without the feed-forward block",
+        ),
+        Scope(
+            "alti",
+            Stage.ALTI,
+            True,
+            "§4",
+            "ALTI: max(0, ‖y_i‖₁ − ‖y_i − T_i(x_j)‖₁), rows normalised; y the attention "
+            "sublayer's resultant (per head: information-flow routes)",
+        ),
     )
 }
 
@@ -104,9 +120,13 @@ def scope_roles(scope: Scope, layout: BlockLayout) -> frozenset[str]:
         return frozenset({"pattern"})
     if stage is Stage.ATTN:
         return _ATTENTION
-    if stage in (Stage.ATTN_RES, Stage.ATTN_RES_LN):
+    if stage in (Stage.ATTN_RES, Stage.ATTN_RES_LN, Stage.ALTI):
         pre, post = layout.chains(stage)
         return _ATTENTION | {"resid_pre"} | _scales(pre, post)
+    if stage is Stage.GLOBENC:  # the block output's hooks too: the self-check rebuilds LN2's input
+        pre, post = layout.chains(stage)
+        roles = _ATTENTION | {"resid_pre", "resid_post"} | _scales(pre, post)
+        return roles | {"mlp_out", "post_in"} if layout.has_mlp else roles
     roles = _ATTENTION | {"resid_pre", "resid_post"}
     if layout.has_mlp:
         roles |= {"mlp_out"}
@@ -116,6 +136,10 @@ def scope_roles(scope: Scope, layout: BlockLayout) -> frozenset[str]:
     return roles | _scales(*chains)
 
 
+#: Stages whose maps rest on the tensors after the feed-forward block (checked through it).
+THROUGH_FF = frozenset({Stage.FF, Stage.FF_RES, Stage.OUT, Stage.GLOBENC})
+
+
 def check_roles(scopes: Iterable[Scope], layout: BlockLayout) -> frozenset[str]:
     """Roles the self-check reads besides the maps' own (each used only where the model has it):
     the scales, inputs and outputs of the norms the maps use up to the feed-forward input (and,
@@ -123,7 +147,7 @@ def check_roles(scopes: Iterable[Scope], layout: BlockLayout) -> frozenset[str]:
     stages = {stage_of(s, layout) for s in scopes}
     if stages <= {Stage.WEIGHTS, Stage.WEIGHTS_RES, Stage.ATTN}:
         return frozenset()
-    whole = bool(stages & {Stage.FF, Stage.FF_RES, Stage.OUT})
+    whole = bool(stages & THROUGH_FF)
     chains = [layout.attn_out, layout.mid, layout.mlp_in]
     if whole:
         chains += [layout.mlp_out, layout.post]

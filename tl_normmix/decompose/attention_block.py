@@ -9,20 +9,28 @@ the block's layout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from tl_normmix.decompose import attention, residual
+from tl_normmix.decompose import alti, attention, residual
 from tl_normmix.decompose.blocks import LayerTensors, Stage
 
 __all__ = ["ATTENTION_STAGES", "LayerMaps", "layer_maps", "mask_padding", "norm_chain"]
 
 #: The stages computed here; the others run through the feed-forward block (``whole_layer``).
 ATTENTION_STAGES = frozenset(
-    {Stage.WEIGHTS, Stage.WEIGHTS_RES, Stage.ATTN, Stage.ATTN_RES, Stage.ATTN_RES_LN}
+    {
+        Stage.WEIGHTS,
+        Stage.WEIGHTS_RES,
+        Stage.ATTN,
+        Stage.ATTN_RES,
+        Stage.ATTN_RES_LN,
+        Stage.GLOBENC,
+        Stage.ALTI,
+    }
 )
 
 
@@ -32,6 +40,9 @@ class LayerMaps:
     ratios: dict[str, Float[Tensor, "batch query_pos"]]
     pattern: Float[Tensor, "batch head_index query_pos key_pos"] | None  # masked
     value_norms: Float[Tensor, "batch head_index pos"] | None  # ‖f^h(x_j)‖, masked
+    # Rebuilds ALTI's inputs (for the per-head routes, on demand) from the few O(N·d) tensors it
+    # holds besides the pattern; None unless ALTI was requested.
+    routes: Callable[[], alti.AltiInputs] | None = None
 
 
 def layer_maps(
@@ -60,8 +71,15 @@ def layer_maps(
                 half.diagonal(dim1=-2, dim2=-1).add_(0.5)
                 maps[name], ratios[name] = half, 0.5 * others
     norms = None
+    rebuild = None
+    for name in [n for n, s in stages.items() if s is Stage.ALTI]:
+        assert pattern is not None
+        rebuild = _alti_inputs(t, pattern)
+        maps[name], ratios[name] = alti.alti_map(rebuild(), mask)
     requests = {
-        n: _request(t, s) for n, s in stages.items() if s in ATTENTION_STAGES and n not in weights
+        n: _request(t, s)
+        for n, s in stages.items()
+        if s in ATTENTION_STAGES and n not in weights and s is not Stage.ALTI
     }
     if requests:
         assert pattern is not None
@@ -76,7 +94,12 @@ def layer_maps(
         mask_padding(maps, ratios, mask)
         if norms is not None:
             norms = norms * mask[:, None, :]
-    return LayerMaps(maps=maps, ratios=ratios, pattern=pattern, value_norms=norms)
+    return LayerMaps(maps=maps, ratios=ratios, pattern=pattern, value_norms=norms, routes=rebuild)
+
+
+def _alti_inputs(t: LayerTensors, pattern: Tensor) -> Callable[[], alti.AltiInputs]:
+    v, W_O, b_O, request = t.v, t.W_O, t.b_O, _request(t, Stage.ALTI)
+    return lambda: alti.alti_inputs(pattern, v, W_O, b_O, request)
 
 
 def _off_diagonal_sum(weights: Tensor) -> Tensor:

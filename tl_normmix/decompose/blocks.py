@@ -113,6 +113,8 @@ class Stage(str, Enum):
     FF = "ff"  # the feed-forward output, split by integrated gradients
     FF_RES = "ff_res"  # + the second residual (after the FF output's own chain)
     OUT = "out"  # the block output (after the norms over it, if any)
+    GLOBENC = "globenc"  # post-LN: ATTN_RES_LN through LN2's frozen map, FF left out (§4)
+    ALTI = "alti"  # the attention sublayer's resultant (ATTN_RES and the norms reading it), L1 (§4)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,10 @@ class BlockLayout:
             return self.attn_out, ()
         if stage is Stage.ATTN_RES_LN:
             return self.attn_out, self.ff_input
+        if stage is Stage.GLOBENC:
+            return self.attn_out, (*self.mid, *self.post)
+        if stage is Stage.ALTI:
+            return self.attn_out, self.mid
         raise ValueError(f"{stage} is not an attention-block stage")
 
     def unsupported(self, stage: Stage) -> str | None:
@@ -179,6 +185,12 @@ class BlockLayout:
                 )
             if not [n for n in self.ff_input if n != MULTIPLIER]:
                 return "no norm reads the sum of the attention output and the residual here"
+        if stage is Stage.GLOBENC and (self.parallel or not self.mid or not self.post):
+            return (
+                "GlobEnc is defined for post-LN blocks (a norm over attention + residual, then a "
+                "norm over the feed-forward residual), whose second norm it applies without the "
+                "feed-forward block"
+            )
         if stage in (Stage.FF, Stage.FF_RES):
             if not self.has_mlp:
                 return "the block has no feed-forward part"

@@ -1,0 +1,138 @@
+"""ALTI and its per-head form, the information-flow routes: pure tensor math (METHODS.md §4).
+
+The attention sublayer's resultant at receiver ``i`` is ``y_i = Σ_j T_i(x_j) + bias_i`` with
+
+    T_i(x_j) = post_i( pre_i(Σ_h α^h_ij f^h(x_j)) + δ_ij x_i )
+
+(``pre``: the attention output's own chain — sandwich and OLMo-2 post-attention norms, Granite's
+multiplier; ``post``: the norms that read attention + residual before any branch does — LN1 of
+post-LN blocks; none in pre-LN blocks, where ``y = resid_mid``; parallel blocks: ``y = r + A'``,
+the stream the attention branch adds to). Every linearised norm has the receiver's frozen scale, so
+off the diagonal ``T_i(x_j) = κ_i Σ_h α^h_ij g^h_j`` with ``g^h_j = T f^h_j`` fixed per source.
+
+ALTI (Ferrando et al. 2022): ``c_ij = max(0, ‖y_i‖₁ − ‖y_i − T_i(x_j)‖₁)``, rows divided by their
+sum. The L1 norm is no quadratic form: the pair vectors are built a chunk of receivers at a time
+(``chunk · N · d`` floats), never all ``N²·d``.
+
+Routes (llm-transparency-tool): one part per (source ``j``, head ``h``), ``κ_i α^h_ij g^h_j``, and
+the receiver's residual ``post_i(x_i)`` as one more part; ``c = max(‖y‖₁ − ‖y − part‖₁, floor)``
+divided by the sum over all parts of the row (the tool uses ``floor = 1e-5``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from tl_normmix.decompose import attention
+from tl_normmix.decompose.residual import Request
+
+__all__ = ["AltiInputs", "alti_inputs", "alti_map", "alti_routes"]
+
+#: Floats of the pair vectors one chunk of receivers may hold (64 MiB in float32).
+_CHUNK_FLOATS = 16 * 2**20
+
+
+@dataclass
+class AltiInputs:
+    """What ALTI needs of one layer: the masked pattern, the per-source vectors ``g^h_j = T f^h_j``
+    (no receiver scale), the receivers' scale ``κ_i``, the diagonal parts ``T_i(x_i)``, the
+    residual parts ``post_i(x_i)`` and the resultant ``y_i`` (bias terms included)."""
+
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"]
+    g: Float[Tensor, "batch key_pos head_index d_model"]
+    kappa: Float[Tensor, "batch query_pos"]
+    diag: Float[Tensor, "batch pos d_model"]
+    residual: Float[Tensor, "batch pos d_model"]
+    whole: Float[Tensor, "batch pos d_model"]
+
+
+def alti_inputs(
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+    v: Float[Tensor, "batch pos head_index d_head"],
+    W_O: Float[Tensor, "head_index d_head d_model"],
+    b_O: Float[Tensor, " d_model"],
+    request: Request,
+) -> AltiInputs:
+    """The per-layer tensors of ALTI for the parts ``post(pre(Σ_h α f) + δ x)`` of ``request``
+    (``request.residual`` is ``x``, the block input)."""
+    assert request.residual is not None
+    x = request.residual
+    pre, post = request.pre, request.post
+    f = attention.source_vectors(v, W_O)  # [batch, key, head, d]
+    transform = request.transform()
+    g = f if transform is None else transform(f)
+    own = attention.self_part(pattern.diagonal(dim1=-2, dim2=-1), f)
+    mixed = attention.mixed_output(pattern, v, W_O)
+    diag = post(pre(own) + x)
+    bias = b_O.expand_as(x)
+    for norm, scale in pre.norms:
+        bias = norm.apply(bias, scale)
+    for norm, scale in post.norms:
+        bias = norm.apply(bias, scale)
+    whole = post(pre(mixed - own)) + diag + bias
+    kappa = pre.kappa(x) * post.kappa(x)
+    return AltiInputs(pattern, g, kappa, diag, post(x), whole)
+
+
+def _chunk(batch: int, pos: int, width: int) -> int:
+    return max(1, min(pos, _CHUNK_FLOATS // max(1, batch * pos * width)))
+
+
+def alti_map(
+    a: AltiInputs, mask: Bool[Tensor, "batch pos"]
+) -> tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
+    """ALTI's per-layer map (rows sum to 1 over real tokens) and ``1 − c_ii``, the share a
+    receiver takes from the other tokens."""
+    batch, _, n, _ = a.pattern.shape
+    d = a.g.shape[-1]
+    out = a.pattern.new_zeros(batch, n, n)
+    whole_l1 = a.whole.abs().sum(-1)  # [batch, query]
+    chunk = _chunk(batch, n, d)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        rows = torch.arange(start, stop, device=out.device)
+        by_key = a.pattern[:, :, start:stop].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
+        parts = torch.matmul(by_key, a.g) * a.kappa[:, None, start:stop, None]  # [b, key, q, d]
+        parts[:, rows, rows - start] = a.diag[:, start:stop]
+        distance = (a.whole[:, None, start:stop] - parts).abs().sum(-1)  # [b, key, q]
+        out[:, start:stop] = (
+            (whole_l1[:, None, start:stop] - distance).clamp_min(0.0).transpose(1, 2)
+        )
+    out.masked_fill_(~(mask[:, :, None] & mask[:, None, :]), 0.0)
+    out = out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
+    ratio = 1.0 - out.diagonal(dim1=-2, dim2=-1)
+    return out, ratio
+
+
+def alti_routes(
+    a: AltiInputs, mask: Bool[Tensor, "batch pos"], floor: float = 0.0
+) -> tuple[Float[Tensor, "batch head_index query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
+    """Per-(head, source) contributions and the residual's, normalised together per receiver
+    (llm-transparency-tool's attention contributions; ``floor`` as its ``EPS``). Padded keys are
+    no parts (zero); padded receivers are zero rows with a NaN residual share."""
+    batch, heads, n, _ = a.pattern.shape
+    d = a.g.shape[-1]
+    out = a.pattern.new_zeros(batch, heads, n, n)
+    whole_l1 = a.whole.abs().sum(-1)
+    residual = (whole_l1 - (a.whole - a.residual).abs().sum(-1)).clamp_min(floor)
+    keys = mask[:, None, None, :].to(out.device)
+    chunk = _chunk(batch, n, heads * d)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        # κ_i α^h_ij g^h_j for a chunk of receivers: [batch, q, key, head, d]
+        alpha = a.pattern[:, :, start:stop].permute(0, 2, 3, 1)  # [b, q, key, head]
+        parts = alpha[..., None] * a.g[:, None] * a.kappa[:, start:stop, None, None, None]
+        distance = (a.whole[:, start:stop, None, None] - parts).abs().sum(-1)
+        c = (whole_l1[:, start:stop, None, None] - distance).clamp_min(floor)
+        out[:, :, start:stop] = c.permute(0, 3, 1, 2)
+    out = out.masked_fill(~keys, 0.0)
+    total = out.sum(dim=(1, 3)) + residual  # [batch, query]
+    total = total.clamp_min(torch.finfo(out.dtype).tiny)
+    out = out / total[:, None, :, None]
+    share = residual / total
+    out.masked_fill_(~mask[:, None, :, None], 0.0)
+    return out, share.masked_fill(~mask, float("nan"))
