@@ -20,6 +20,7 @@ from tl_normmix.interventions.circuits import (
 )
 from tl_normmix.interventions.edges import Edge, EdgeSet, edges
 from tl_normmix.interventions.knockout import KnockOut, knock_out
+from tl_normmix.interventions.value_zeroing import value_zeroing
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
 from tl_normmix.models import (
     MissingHookError,
@@ -65,5 +66,6 @@ __all__ = [
     "on_hidden_states",
     "plots",
     "rollout",
+    "value_zeroing",
     "views",
 ]

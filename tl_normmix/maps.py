@@ -210,7 +210,7 @@ def mixing_maps(
             adapter, cache, layer, roles | present, [s.name for s in wanted], value_norms
         )
         if mask is None:
-            mask = _mask(adapter, attention_mask, tokens, tensors)
+            mask = resolve_mask(adapter, attention_mask, tokens, tensors)
         result = layer_maps(tensors, mask, attention_stages, value_norms)
         if verify:  # after the attention-block maps, whose tensors are still in the CPU cache
             checked[layer] = verify_layer(
@@ -381,9 +381,11 @@ def _roles(scopes: Iterable[Scope], adapter: ModelAdapter, value_norms: bool) ->
     return roles | VALUE_NORM_ROLES if value_norms else roles
 
 
-def _mask(
+def resolve_mask(
     adapter: ModelAdapter, attention_mask: Tensor | None, tokens: Tensor | None, t: LayerTensors
 ) -> Tensor:
+    """The padding mask of a run ``[batch, pos]``: given, derived from ``tokens`` as
+    TransformerLens does, or all ones (refused where the pattern shows masked padding)."""
     batch, pos, device = t.batch, t.pos, t.device
     if tokens is not None:
         rows = tokens if tokens.ndim == 2 else tokens[None]

@@ -79,6 +79,13 @@ SCOPES: dict[str, Scope] = {
             "ALTI: max(0, ‖y_i‖₁ − ‖y_i − T_i(x_j)‖₁), rows normalised; y the attention "
             "sublayer's resultant (per head: information-flow routes)",
         ),
+        Scope(
+            "vz",
+            Stage.VALUE_ZEROING,
+            False,
+            "§4",
+            "value zeroing: 1 − cos(block output with v_j zeroed, block output), rows normalised",
+        ),
     )
 }
 
@@ -90,6 +97,11 @@ _ATTENTION = frozenset({"pattern", "v", "attn_out"})
 
 def stage_of(scope: Scope, layout: BlockLayout) -> Stage:
     """The stage ``scope`` is in ``layout``, or ``UnsupportedScopeError`` with the reason."""
+    if scope.stage is Stage.VALUE_ZEROING:
+        raise UnsupportedScopeError(
+            f"Scope {scope.name!r} is an intervention (one edited block per source), not a map of "
+            "a cache: use nm.value_zeroing(model, tokens)."
+        )
     reason = layout.unsupported(scope.stage)
     if scope.name == "attnreslnffresln_n" and not layout.post:
         reason = (

@@ -115,6 +115,7 @@ class Stage(str, Enum):
     OUT = "out"  # the block output (after the norms over it, if any)
     GLOBENC = "globenc"  # post-LN: ATTN_RES_LN through LN2's frozen map, FF left out (§4)
     ALTI = "alti"  # the attention sublayer's resultant (ATTN_RES and the norms reading it), L1 (§4)
+    VALUE_ZEROING = "value_zeroing"  # an intervention per source: runs the block's tail (§4)
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,21 @@ from tl_normmix.decompose.blocks import (
     FeedForward,
     LayerTensors,
     MLPSpec,
+    NormSpec,
     zeros_if_none,
 )
 from tl_normmix.models.errors import MissingHookError, UnsupportedModelError
 from tl_normmix.models.ff_module import module_ff
 from tl_normmix.models.probe import Probe, probe
 from tl_normmix.models.sources import Source, sources
-from tl_normmix.models.structure import Structure, family, norm_spec, post_ln, read_structure
+from tl_normmix.models.structure import (
+    Structure,
+    family,
+    final_norm_spec,
+    norm_spec,
+    post_ln,
+    read_structure,
+)
 
 __all__ = ["ModelAdapter", "ModelSpec", "adapt", "tl_version"]
 
@@ -300,6 +308,10 @@ class ModelAdapter:
         return [list(self.model.to_str_tokens(row)) for row in rows]
 
     # -- the feed-forward block ------------------------------------------------------------------
+    def final_norm(self) -> NormSpec | None:
+        """The norm after the last block (``ln_final``), None if the model has none."""
+        return final_norm_spec(self.model, self.structure)
+
     def feed_forward(self, layer: int) -> FeedForward:
         """The feed-forward block of ``layer``: closed-form ``MLPSpec`` or a generic module."""
         kind = self.structure.mlp_kind_of(layer)

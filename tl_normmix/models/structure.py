@@ -347,6 +347,16 @@ def norm_spec(model: Any, structure: Structure, layer: int, name: str) -> NormSp
     return _hooked_norm(module, d)
 
 
+def final_norm_spec(model: Any, structure: Structure) -> NormSpec | None:
+    """The norm after the last block (``ln_final``), if the model has one."""
+    module = getattr(model, "ln_final", None)
+    if module is None or isinstance(module, torch.nn.Identity):
+        return None
+    if structure.family == "bridge":
+        return _bridge_norm(model, module, structure.d_model)
+    return _hooked_norm(module, structure.d_model)
+
+
 def _bridge_norm(model: Any, module: Any, d: int) -> NormSpec:
     original = getattr(module, "original_component", None)
     if isinstance(original, torch.nn.Identity):
