@@ -189,3 +189,35 @@ def alti_routes(t, mask: torch.Tensor, floor: float = 0.0):
     c_res = l1_contributions(residual[:, :, 0], whole, floor)
     total = c_heads.sum(dim=(2, 3)) + c_res
     return (c_heads / total[:, :, None, None]).permute(0, 3, 1, 2), c_res / total
+
+
+def carried_block(t, W_V, b_V, stage: Stage, mask: torch.Tensor) -> Stage:
+    """One block on a stream given as parts over input tokens (METHODS §4, whole-model
+    decomposition), in float64 with every pair vector explicit: values split through the frozen
+    attention-input norm, mixed by the real weights, the rest of the block as ``whole_layer``
+    with the stream's own parts in place of ``δ_ij x_i`` (the FF by the Riemann IG)."""
+    layout = t.layout
+    parts, bias = stage
+    P, Pb = through(t, layout.attn_in, (parts, bias))
+    V = torch.einsum("bkjd,hde->bkjhe", P, W_V.double())
+    Vb = torch.einsum("bkd,hde->bkhe", Pb, W_V.double()) + b_V.double()
+    groups = t.block.n_heads // W_V.shape[0]
+    V, Vb = V.repeat_interleave(groups, dim=3), Vb.repeat_interleave(groups, dim=2)
+    pair = mask[:, None, :, None] & mask[:, None, None, :]
+    alpha = t.pattern.double().masked_fill(~pair, 0.0)
+    W_O = t.W_O.double()
+    A = torch.einsum("bhik,bkjhe,hem->bijm", alpha, V, W_O)
+    Ab = torch.einsum("bhik,bkhe,hem->bim", alpha, Vb, W_O) + t.b_O.double()
+    A, Ab = through(t, layout.attn_out, (A, Ab))
+    ff = _double_ff(t.mlp) if t.mlp is not None and layout.has_mlp else None
+    if layout.parallel:
+        stream = (parts + A, bias + Ab)
+        branch = (parts, bias)
+    else:
+        stream = through(t, layout.mid, (parts + A, bias + Ab))
+        branch = stream
+    if ff is not None:
+        U, Ub = through(t, layout.mlp_in, branch)
+        W, Wb = through(t, layout.mlp_out, (riemann(ff, U, Ub), ff.forward(Ub)))
+        stream = (stream[0] + W, stream[1] + Wb)
+    return through(t, layout.post, stream)

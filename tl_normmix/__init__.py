@@ -32,6 +32,7 @@ from tl_normmix.models import (
 )
 from tl_normmix.render import plots, views
 from tl_normmix.scopes import SCOPES, UnsupportedScopeError
+from tl_normmix.whole_model import ModelDecomposition, decompose_model
 
 __all__ = [
     "SCOPES",
@@ -45,6 +46,7 @@ __all__ = [
     "KnockOut",
     "MissingHookError",
     "MixingMaps",
+    "ModelDecomposition",
     "UnsupportedModelError",
     "UnsupportedScopeError",
     "VerificationError",
@@ -53,6 +55,7 @@ __all__ = [
     "analysis",
     "contextualization_change",
     "corpus",
+    "decompose_model",
     "diff",
     "edge_attribution",
     "edges",

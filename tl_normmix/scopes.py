@@ -144,7 +144,15 @@ def scope_roles(scope: Scope, layout: BlockLayout) -> frozenset[str]:
         roles |= {"mlp_out"}
     if layout.post and not layout.parallel and layout.has_mlp:
         roles |= {"post_in"}
-    chains = (layout.attn_out, layout.mid, layout.mlp_in, layout.mlp_out, layout.post)
+    # attn_in too: the whole-model decomposition (decompose_model) splits the attention input
+    chains = (
+        layout.attn_in,
+        layout.attn_out,
+        layout.mid,
+        layout.mlp_in,
+        layout.mlp_out,
+        layout.post,
+    )
     return roles | _scales(*chains)
 
 

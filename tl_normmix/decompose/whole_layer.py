@@ -42,6 +42,7 @@ __all__ = [
     "WholeLayerMaps",
     "available_bytes",
     "chunk_bytes",
+    "points_for",
     "whole_layer_maps",
 ]
 
@@ -125,7 +126,7 @@ def whole_layer_maps(
         return _single_stream(t, pattern, list(stages))
     mlp = t.mlp
     assert mlp is not None
-    points = _points(t, mlp, options)
+    points = points_for(t, mlp, options)
     batch, pos, heads = t.v.shape[0], t.v.shape[1], t.v.shape[2]
     d = t.W_O.shape[-1]
     hidden_width = _hidden_width(mlp)
@@ -396,8 +397,8 @@ def _hidden_width(mlp: MLPSpec | FFModule) -> int:
     return (2 if mlp.gated else 1) * mlp.W_in.shape[1]
 
 
-def _points(t: LayerTensors, mlp: MLPSpec | FFModule, options: FFOptions) -> int | None:
-    """Quadrature points (None: the closed form)."""
+def points_for(t: LayerTensors, mlp: MLPSpec | FFModule, options: FFOptions) -> int | None:
+    """Quadrature points of the layer's FF split (None: the closed form), METHODS §3."""
     points = options.quadrature_points
     if isinstance(mlp, FFModule) or mlp.gated:
         return points if points is not None else feedforward.DEFAULT_QUADRATURE_POINTS

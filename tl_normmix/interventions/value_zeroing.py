@@ -36,6 +36,7 @@ __all__ = ["value_zeroing", "zeroing_scores"]
 _BUDGET_FLOATS = 64 * 2**20
 
 
+@torch.no_grad()
 def value_zeroing(
     model: Any,
     tokens: Tensor,

@@ -308,6 +308,27 @@ class ModelAdapter:
         return [list(self.model.to_str_tokens(row)) for row in rows]
 
     # -- the feed-forward block ------------------------------------------------------------------
+    def value_weights(self, layer: int) -> tuple[Tensor, Tensor]:
+        """``(W_V [kv_head, d_model, d_head], b_V [kv_head, d_head])`` of ``layer`` (float32; a
+        missing bias is zero). Refused where the values are no linear map of the attention input
+        (multi-head latent attention normalises a compressed projection first)."""
+        attn = self.model.blocks[layer].attn
+        try:
+            W_V = attn.W_V
+        except NotImplementedError as err:
+            raise UnsupportedModelError(
+                f"{self.spec.model_name}: {err} The whole-model decomposition needs the values as "
+                "a linear map of the attention input; per-layer maps still work."
+            ) from None
+        W_V = W_V.detach().float()
+        kv = self.spec.block.n_kv_heads
+        b_V = getattr(attn, "b_V", None)
+        b_V = torch.zeros(W_V.shape[0], W_V.shape[-1]) if b_V is None else b_V.detach().float()
+        if W_V.shape[0] != kv:  # TL 2.x expands grouped values to the query heads
+            groups = W_V.shape[0] // kv
+            W_V, b_V = W_V[::groups], b_V[::groups]
+        return W_V, b_V.to(W_V.device)
+
     def final_norm(self) -> NormSpec | None:
         """The norm after the last block (``ln_final``), None if the model has none."""
         return final_norm_spec(self.model, self.structure)
