@@ -114,3 +114,39 @@ def test_analyses_on_real_whole_layer_maps(model):
             assert all(p.key < p.query for p in layer_pairs)
         gains = [p.gain for p in layer_pairs]
         assert gains == sorted(gains, reverse=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "gemma2"])
+def test_ff_outlier_dimensions(family, hf_root):
+    """The FF vectors of ``ff_parts`` are the reference's Riemann IG; shares sum to 1 and are
+    sorted; leaving every dimension out but the top ones keeps the change computable; the next
+    norm is the one that reads the FF output first."""
+    import reference
+    from conftest import assert_rel_close, read_layers
+    from tiny_models import Case, build
+
+    model = build(Case(family, "raw"), hf_root)
+    toks = tokens(2, 6)
+    _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, "layer_n"))
+    _, layers = read_layers(model, toks)
+    mask = torch.ones(toks.shape, dtype=torch.bool)
+    for t in layers:
+        parts = nm.analysis.ff_parts(model, cache, t.layer)
+        expected = reference.whole_layer(t, mask)["ff"][0]
+        assert_rel_close(parts.ig, expected, rtol=1e-4, what=f"IG layer {t.layer}")
+        out = nm.analysis.ff_outlier_dimensions(parts, t.layer, top=3)
+        assert abs(out.table.share.sum() - 1) < 1e-9
+        assert out.table.share.is_monotonic_decreasing
+        assert out.dims == list(out.table.index[:3])
+        assert 0 <= out.change <= 2 and 0 <= out.change_without <= 2
+        layout = nm.adapt(model).layout
+        expected_norm = {
+            "sandwich": f"blocks.{t.layer}.ln2_post",
+            "post_ln": f"blocks.{t.layer}.ln2",
+        }.get(layout.name, f"blocks.{t.layer + 1}.ln1" if t.layer == 0 else "ln_final")
+        assert out.next_norm == expected_norm
+    maps = nm.mixing_maps(model, cache, "attn_w")
+    with pytest.raises(TypeError, match="ff_parts"):
+        nm.analysis.ff_outlier_dimensions(maps, 0)
+    with pytest.raises(ValueError, match="of layer 1, not 0"):
+        nm.analysis.ff_outlier_dimensions(parts, 1 - parts.layer)

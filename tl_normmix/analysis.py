@@ -7,22 +7,39 @@
 * **FF amplification**: each map is normalised per receiver to shares ``m_ij / Σ_j m_ij`` over
   valid cells; the pairs ``(i ← j)``, ``j ≠ i``, whose share grows most from the FF input map
   (``attnresln_n``) to the FF output map (``attnreslnff_n``) are the pairs the FF amplifies.
+* **FF outlier dimensions** (the 2024 paper's FF / layer-norm interplay): the FF writes a few
+  dimensions that carry most of its per-pair contribution ``IG_ij``; the norm that next reads the
+  stream has small weights there, cancelling them. Per dimension: its share of
+  ``Σ_ij ‖IG_ij‖²``, the next norm's weight, and the FF's contextualization change
+  (``attnresln_n`` → ``attnreslnff_n``) with the top dimensions left out of ``IG``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from tl_normmix.maps import MixingMaps
+from tl_normmix.decompose.attention_block import layer_maps
+from tl_normmix.decompose.blocks import MULTIPLIER, Stage
+from tl_normmix.decompose.whole_layer import whole_layer_maps
+from tl_normmix.maps import MixingMaps, resolve_mask
+from tl_normmix.models.adapter import adapt
+from tl_normmix.models.structure import norm_spec
+from tl_normmix.scopes import SCOPES, scope_roles
 
 __all__ = [
     "AmplifiedPair",
+    "FFOutliers",
+    "FFParts",
     "contextualization_change",
     "ff_amplified_pairs",
+    "ff_outlier_dimensions",
+    "ff_parts",
     "spearman",
     "valid_cells",
 ]
@@ -190,3 +207,135 @@ def diff(maps_a: MixingMaps, maps_b: MixingMaps) -> MixingMaps:
         str_tokens=maps_b.str_tokens,
         causal=maps_b.causal,
     )
+
+
+@dataclass(frozen=True)
+class FFParts:
+    """One layer's feed-forward contributions as vectors: ``ig[b, i, j]`` is ``IG_ij`` (METHODS
+    §3), ``before`` the FF input map ``attnresln_n``, ``next_norm`` the norm that next reads the
+    stream (its name and weight ``γ``)."""
+
+    layer: int
+    ig: Float[Tensor, "batch query_pos key_pos d_model"]
+    before: Float[Tensor, "batch query_pos key_pos"]
+    cells: Bool[Tensor, "batch query_pos key_pos"]
+    next_norm: str
+    next_weight: Float[Tensor, " d_model"]
+
+
+def ff_parts(
+    model: Any,
+    cache: Any,
+    layer: int,
+    *,
+    attention_mask: Tensor | None = None,
+    tokens: Tensor | None = None,
+) -> FFParts:
+    """The per-pair FF vectors ``IG_ij`` of ``layer`` (``N²·d`` floats: for analysis of short
+    texts), from a cache made with ``hook_filter(model, "layer_n")``."""
+    adapter = adapt(model)
+    layout = adapter.layout
+    roles = scope_roles(SCOPES["attnreslnff_n"], layout) | scope_roles(
+        SCOPES["attnresln_n"], layout
+    )
+    t = adapter.read(cache, adapter.check_layers(layer)[0], roles)
+    mask = resolve_mask(adapter, attention_mask, tokens, t)
+    result = layer_maps(t, mask, {"attnresln_n": Stage.ATTN_RES_LN}, value_norms=False)
+    assert result.pattern is not None
+    batch, n, d = t["resid_pre"].shape
+    ig = t.pattern.new_zeros(batch, n, n, d)
+
+    def keep(start: int, stop: int, chunk: Tensor) -> None:
+        ig[:, start:stop] = chunk.transpose(1, 2)
+
+    whole_layer_maps(t, result.pattern, mask, {}, ff_sink=keep)
+    name, weight = _next_norm(adapter, layer)
+    view = MixingMaps(
+        layers=(layer,),
+        maps={},
+        heads={},
+        ratios={},
+        mask=mask,
+        convention="",
+        model_name="",
+        causal=adapter.spec.causal,
+    )
+    return FFParts(layer, ig, result.maps["attnresln_n"], valid_cells(view), name, weight)
+
+
+def _next_norm(adapter: Any, layer: int) -> tuple[str, Tensor]:
+    """The first norm after the FF output: its own (sandwich), the block's post norm (post-LN),
+    the next block's attention-input norm or the final norm."""
+    layout = adapter.layout
+    for chain, at in ((layout.mlp_out, layer), (layout.post, layer)):
+        names = [n for n in chain if n != MULTIPLIER]
+        if names:
+            return f"blocks.{at}.{names[0]}", norm_spec(
+                adapter.model, adapter.structure, at, names[0]
+            ).weight
+    following = [n for n in (*layout.attn_in, *layout.attn_out) if n != MULTIPLIER]
+    if layer + 1 < adapter.spec.n_layers and following:
+        spec = norm_spec(adapter.model, adapter.structure, layer + 1, following[0])
+        return f"blocks.{layer + 1}.{following[0]}", spec.weight
+    final = adapter.final_norm()
+    if final is None:
+        raise ValueError(f"No norm reads the stream after layer {layer}'s feed-forward block.")
+    return "ln_final", final.weight
+
+
+@dataclass(frozen=True)
+class FFOutliers:
+    """``table``: per dimension (sorted by share) its share of ``Σ_ij ‖IG_ij‖²``, the next norm's
+    weight and that weight's ratio to the median ``|γ|``; ``dims``: the ``top`` dimensions;
+    ``change`` / ``change_without``: the FF's contextualization change (``1 − ρ`` of
+    ``attnresln_n`` and ``‖IG‖``, mean over the batch) with all dimensions and without ``dims``."""
+
+    layer: int
+    table: pd.DataFrame
+    dims: list[int]
+    change: float
+    change_without: float
+    next_norm: str
+
+
+def ff_outlier_dimensions(
+    maps_or_parts: FFParts | MixingMaps, layer: int, top: int = 5
+) -> FFOutliers:
+    """The dimensions the FF of ``layer`` writes most, and what the next norm does with them."""
+    if isinstance(maps_or_parts, MixingMaps):
+        raise TypeError(
+            "ff_outlier_dimensions needs the FF's per-pair vectors (MixingMaps keeps no vectors): "
+            f"pass nm.analysis.ff_parts(model, cache, {layer}) (cache from "
+            "run_with_cache(tokens, names_filter=nm.hook_filter(model, 'layer_n')))."
+        )
+    parts = maps_or_parts
+    if parts.layer != layer:
+        raise ValueError(f"These parts are of layer {parts.layer}, not {layer}.")
+    cells = parts.cells
+    ig = parts.ig.double()
+    energy = (ig.square() * cells[..., None]).sum(dim=(0, 1, 2))
+    share = energy / energy.sum().clamp_min(1e-300)
+    order = share.argsort(descending=True)
+    dims = [int(k) for k in order[:top]]
+    weight = parts.next_weight.double()
+    median = weight.abs().median().clamp_min(1e-300)
+    table = pd.DataFrame(
+        {
+            "share": share[order].numpy(),
+            "next_norm_weight": weight[order].numpy(),
+            "weight_vs_median": (weight[order].abs() / median).numpy(),
+        },
+        index=pd.Index(order.numpy(), name="dimension"),
+    )
+    without = ig.clone()
+    without[..., dims] = 0.0
+
+    def change(vectors: Tensor) -> float:
+        after = vectors.norm(dim=-1)
+        values = [
+            1.0 - spearman(parts.before[b][cells[b]].double(), after[b][cells[b]])
+            for b in range(after.shape[0])
+        ]
+        return float(sum(values) / len(values))
+
+    return FFOutliers(layer, table, dims, change(ig), change(without), parts.next_norm)

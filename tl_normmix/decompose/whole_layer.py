@@ -23,7 +23,7 @@ without a feed-forward part have only the block output, computed by ``residual.d
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -117,9 +117,12 @@ def whole_layer_maps(
     mask: Bool[Tensor, "batch pos"],
     stages: Mapping[str, Stage],
     options: FFOptions = FFOptions(),
+    ff_sink: Callable[[int, int, Tensor], None] | None = None,
 ) -> WholeLayerMaps:
     """Maps, ratios and completeness residuals named by ``stages`` (``FF``, ``FF_RES``, ``OUT``)
-    for one layer (``pattern`` already masked). Padded cells are zero, padded tokens NaN."""
+    for one layer (``pattern`` already masked). Padded cells are zero, padded tokens NaN.
+    ``ff_sink(start, stop, ig)`` receives each chunk's ``IG_ij`` vectors ``[batch, key, chunk,
+    d]`` (receivers ``start:stop``) for analyses that need the vectors, not only their norms."""
     layout = t.layout
     if layout.parallel or not layout.has_mlp:
         assert set(stages.values()) <= {Stage.OUT}, "refused by scopes"
@@ -153,10 +156,12 @@ def whole_layer_maps(
     del f
 
     wanted = set(stages.values())
-    need_ff = Stage.FF in wanted
+    need_ff = Stage.FF in wanted or ff_sink is not None
     need_res = Stage.FF_RES in wanted or (Stage.OUT in wanted and final is None)
     need_final = final is not None and Stage.OUT in wanted
-    kept = [s for s, w in (("ff", need_ff), ("res", need_res), ("final", need_final)) if w]
+    kept = [
+        s for s, w in (("ff", Stage.FF in wanted), ("res", need_res), ("final", need_final)) if w
+    ]
     norms = {s: pattern.new_zeros(batch, pos, pos) for s in kept}
     sums = {s: pattern.new_zeros(batch, pos, d) for s in kept}
     diags = {s: pattern.new_zeros(batch, pos, d) for s in kept}
@@ -180,7 +185,10 @@ def whole_layer_maps(
             written = out_norm(ig, per_receiver=False) if out_norm.norms else ig
         if need_ff:
             assert ig is not None
-            _collect(ig, norms["ff"], sums["ff"], diags["ff"], start, stop, rows, cols)
+            if ff_sink is not None:
+                ff_sink(start, stop, ig)
+            if "ff" in norms:
+                _collect(ig, norms["ff"], sums["ff"], diags["ff"], start, stop, rows, cols)
         del ig
         if not need_written:
             continue
