@@ -26,7 +26,15 @@ def test_report_on_every_tiny_model(case, model):
     assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
     assert _count(html, "AttentionPattern") == n_layers * len(scopes)
     assert _count(html, "AttentionHeads") == n_layers * 2  # attn_w and attn_n per head
-    assert _count(html, "ColoredTokensMulti") == n_layers
+    # value norms per layer; methods compared and ALTI routes for the last token
+    assert _count(html, "ColoredTokensMulti") == n_layers + 2
+    assert "Methods compared" in html and "ALTI routes per layer" in html
+    for method in ("attention rollout", "ALTI", "value zeroing (rollout)", "layer_n (last layer)"):
+        assert method in html
+    if case.family == "deepseek_v3":  # multi-head latent attention: values not linear in x
+        assert "decompose_model: " in html
+    else:
+        assert "decompose_model (last layer)" in html
     assert _count(html, "ColoredTokens") == 2 * n_layers
     assert html.count("var CircuitsVis") == 1 and REMOTE.search(html) is None
     assert html.count('src="data:image/png;base64,') == 3
@@ -48,6 +56,7 @@ def test_long_texts_leave_the_matrices_out_and_say_so(monkeypatch, hf_root):
     html = report.build_report(model, tiny_models.tokens(1, 7), scopes=["attn_w", "attn_n"])
     assert _count(html, "AttentionHeads") == 0 and _count(html, "AttentionPattern") == 0
     assert "the per-head maps and the scope maps are left out" in html
+    assert "the methods are compared up to 6 tokens" in html
 
 
 def test_write_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):

@@ -104,3 +104,40 @@ def test_numbers_keep_four_significant_digits():
         [0.3333, 12350.0],
         [1e-07, 0.0],
     ]
+
+
+def test_rollout_view_shows_row_shares_of_each_layers_product():
+    import tl_normmix as nm
+
+    maps = handmade()
+    real = maps.mask[1]
+    view = views.rollout(maps, "attn_n", batch=1)
+    rolled = nm.rollout(maps, "attn_n")[:, 1][:, real][:, :, real]
+    _close(view.props["attention"], rolled / rolled.sum(-1, keepdim=True))
+    assert view.props["attentionHeadNames"] == [f"up to L{layer}" for layer in maps.layers]
+
+
+def test_methods_view_shows_each_row_as_shares():
+    maps = handmade()
+    columns = {"a": maps["attn_n"][1], "b": maps["attnres_n"][0]}
+    view = views.methods(columns, maps, receiver=-1, batch=0)
+    real = maps.mask[0]
+    i = int(real.nonzero()[-1])
+    expected = torch.stack([c[0, i][real] / c[0, i][real].sum() for c in columns.values()], 1)
+    _close(view.props["values"], expected)
+    assert view.props["labels"] == ["a", "b"]
+
+
+def test_routes_view_sums_heads_and_labels_the_residual(hf_root):
+    import tiny_models
+
+    import tl_normmix as nm
+
+    model = tiny_models.build(tiny_models.Case("gpt2", "raw"), hf_root)
+    toks = tiny_models.tokens(1, 5)
+    _, cache = tiny_models.run_with_cache(model, toks, names_filter=nm.hook_filter(model, "alti"))
+    maps = nm.mixing_maps(model, cache, "alti")
+    view = views.routes(maps, receiver=-1)
+    _close(view.props["values"], maps.heads["alti"][:, 0, :, -1].sum(1).T)
+    share = maps.residual_share["alti"][0, 0, -1]
+    assert view.props["labels"][0] == f"L0 (residual {float(share):.2f})"

@@ -23,11 +23,15 @@ from typing import Any
 
 import torch
 
+from tl_normmix.aggregate import rollout
 from tl_normmix.decompose.blocks import Stage
+from tl_normmix.interventions.value_zeroing import value_zeroing
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
 from tl_normmix.models.adapter import adapt
+from tl_normmix.models.errors import UnsupportedModelError
 from tl_normmix.render import plots, views
 from tl_normmix.render.page import Block, Item, page
+from tl_normmix.whole_model import decompose_model
 
 __all__ = [
     "build_report",
@@ -114,8 +118,10 @@ def build_report(
     progress: bool = False,
     new_id: Callable[[], str] | None = None,
     title: str | None = None,
+    methods: bool = True,
 ) -> str:
-    """The report's HTML for ``tokens`` (``[1, pos]``) on ``model``."""
+    """The report's HTML for ``tokens`` (``[1, pos]``) on ``model``; ``methods``: add the
+    "methods compared" section (up to ``MATRIX_MAX_TOKENS`` tokens)."""
     start = time.perf_counter()
     scopes = tuple(scopes) if scopes is not None else default_scopes(model)
     names = hook_filter(model, scopes, value_norms=True)
@@ -131,7 +137,10 @@ def build_report(
         progress=progress,
     )
     del cache
-    items = _plots(maps) + [item for layer in maps.layers for item in _layer(maps, layer)]
+    items = _plots(maps)
+    if methods:
+        items += _methods(model, tokens, maps)
+    items += [item for layer in maps.layers for item in _layer(maps, layer)]
     seconds = time.perf_counter() - start
     name = maps.model_name
     return page(
@@ -181,6 +190,53 @@ def _plots(maps: MixingMaps) -> list[Item]:
                 caption="1 − Spearman ρ between the maps over the valid cells (METHODS §3)",
             )
         )
+    return items
+
+
+def _methods(model: Any, tokens: torch.Tensor, maps: MixingMaps) -> list[Item]:
+    """Where the last token reads from by each method across all layers (METHODS §4)."""
+    items: list[Item] = [Block('<h2 id="methods">Methods compared</h2>')]
+    n = int(maps.mask[0].sum())
+    if n > MATRIX_MAX_TOKENS:
+        items.append(
+            Block(
+                f'<p class="tlnm-left-out">{n} tokens: the methods are compared up to '
+                f"{MATRIX_MAX_TOKENS} tokens (value zeroing and the whole-model decomposition "
+                "grow as n²·d).</p>"
+            )
+        )
+        return items
+    layout = adapt(model).layout
+    scopes = ["attn_w", "alti", "layer_n"]
+    if layout.unsupported(Stage.GLOBENC) is None:
+        scopes.append("globenc_n")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hook_filter(model, scopes))
+    every = mixing_maps(model, cache, scopes, tokens=tokens)
+    columns: dict[str, torch.Tensor] = {"attention rollout": rollout(every, "attn_w")[-1]}
+    if "globenc_n" in scopes:
+        columns["GlobEnc"] = rollout(every, "globenc_n")[-1]
+    columns["ALTI"] = rollout(every, "alti")[-1]
+    notes = []
+    try:
+        columns["value zeroing (rollout)"] = rollout(value_zeroing(model, tokens), "vz")[-1]
+    except UnsupportedModelError as err:
+        notes.append(f"value zeroing: {err}")
+    columns["layer_n (last layer)"] = every["layer_n"][-1]
+    try:
+        columns["decompose_model (last layer)"] = decompose_model(model, cache).maps[-1]
+    except UnsupportedModelError as err:
+        notes.append(f"decompose_model: {err}")
+    items.append(views.methods(columns, every))
+    items.append(views.routes(every))
+    caption = (
+        "Rollouts chain each method's per-layer maps from the input tokens to the last layer "
+        "(attention rollout: +I and row-normalised; GlobEnc, ALTI, value zeroing: plain "
+        "products); layer_n is the last block alone; decompose_model carries each input "
+        "token's vectors through every block (exact). Each row is shown as shares of its sum."
+    )
+    items.append(Block(f'<p class="tlnm-caption">{html.escape(caption)}</p>'))
+    items.extend(Block(f'<p class="tlnm-left-out">{html.escape(note)}</p>') for note in notes)
     return items
 
 

@@ -14,11 +14,12 @@ compare), unless ``max_value`` is given.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from tl_normmix.aggregate import rollout as rollout_of
 from tl_normmix.maps import MixingMaps
 from tl_normmix.render.page import Row, View
 
@@ -27,7 +28,10 @@ __all__ = [
     "compare",
     "effects",
     "heads",
+    "methods",
     "reads_from",
+    "rollout",
+    "routes",
     "value_norms",
     "writes_to",
 ]
@@ -198,6 +202,84 @@ def effects(
         },
         title=f"{label!r}@{i} reads from, layer {layer}: exact effects and maps",
         caption="pick a column to colour by it; effects are metric(edited) − metric(clean)",
+    )
+
+
+def rollout(
+    maps: MixingMaps,
+    scope: str,
+    *,
+    batch: int = 0,
+    add_identity: bool | None = None,
+    normalize: bool | None = None,
+) -> View:
+    """``AttentionHeads`` with one pattern per layer: the rollout of ``scope`` up to that layer
+    (``nm.rollout``, its per-scope defaults). Each row is shown as shares of its sum, so layers
+    compare even where the products grow (GlobEnc reaches ~1e6)."""
+    real = _real(maps, batch)
+    rolled = rollout_of(maps, scope, add_identity=add_identity, normalize=normalize)
+    data = rolled[:, batch][:, real][:, :, real]
+    data = data / data.sum(-1, keepdim=True).clamp_min(torch.finfo(data.dtype).tiny)
+    return View(
+        "AttentionHeads",
+        {
+            "attention": _numbers(data),
+            "tokens": _labels(maps, batch, real),
+            "attentionHeadNames": [f"up to L{layer}" for layer in maps.layers],
+            "maxValue": 1.0,
+            "minValue": 0.0,
+            "maskUpperTri": maps.causal,
+        },
+        title=f"rollout of {scope} (one pattern per layer: the product up to it)",
+        caption="rows as shares of their sum: colour scale 0–1",
+    )
+
+
+def routes(maps: MixingMaps, receiver: int = -1, *, batch: int = 0) -> View:
+    """``ColoredTokensMulti``: where ``receiver`` reads from in each layer by ALTI's per-(head,
+    source) contributions summed over heads (information-flow routes; ``maps.heads["alti"]``),
+    the residual's share in each column's label."""
+    real = _real(maps, batch)
+    i = _position(maps, batch, receiver)
+    per_layer = maps.heads["alti"][:, batch, :, i].sum(1)[:, real]  # [layer, key]
+    share = maps.residual_share["alti"][:, batch, i]
+    labels = [
+        f"L{layer} (residual {float(r):.2f})" for layer, r in zip(maps.layers, share, strict=True)
+    ]
+    label = _labels(maps, batch, real)[int((real < i).sum())]
+    return View(
+        "ColoredTokensMulti",
+        {
+            "tokens": _labels(maps, batch, real),
+            "values": _numbers(per_layer.T),
+            "labels": labels,
+        },
+        title=f"{label!r}@{i}: ALTI routes per layer (heads summed; residual in the label)",
+        caption="pick a layer to colour by it; shares of all parts of the row, residual included",
+    )
+
+
+def methods(
+    columns: Mapping[str, Tensor], maps: MixingMaps, receiver: int = -1, *, batch: int = 0
+) -> View:
+    """``ColoredTokensMulti``: one receiver's row by several methods (``columns``: name ->
+    ``[batch, query, key]`` maps over the same tokens as ``maps``), each as shares of its sum."""
+    real = _real(maps, batch)
+    i = _position(maps, batch, receiver)
+    values = []
+    for row in columns.values():
+        picked = row[batch, i][real].double().abs()
+        values.append(picked / picked.sum().clamp_min(torch.finfo(picked.dtype).tiny))
+    label = _labels(maps, batch, real)[int((real < i).sum())]
+    return View(
+        "ColoredTokensMulti",
+        {
+            "tokens": _labels(maps, batch, real),
+            "values": _numbers(torch.stack(values, dim=1)),
+            "labels": list(columns),
+        },
+        title=f"{label!r}@{i} reads from, by method",
+        caption="each method's row as shares of its sum; pick a method to colour by it",
     )
 
 
