@@ -185,87 +185,214 @@ def mixing_maps(
             future tokens a small share); 0 keeps them zero.
     """
     adapter = adapt(model)
-    wanted = resolve_scopes(scopes)
+    plan = plan_maps(
+        adapter,
+        scopes,
+        value_norms=value_norms,
+        verify=verify,
+        quadrature_points=quadrature_points,
+        chunk_size=chunk_size,
+    )
     layer_list = adapter.check_layers(layers)
-    layout = adapter.layout
-    stages = {s.name: stage_of(s, layout) for s in wanted}
-    roles = _roles(wanted, adapter, value_norms)
-    optional = check_roles(wanted, layout) - roles if verify else frozenset()
-    attention_stages = {n: s for n, s in stages.items() if s in ATTENTION_STAGES}
-    whole = {n: s for n, s in stages.items() if s in WHOLE_LAYER_STAGES}
-    through_ff = bool(whole) or Stage.GLOBENC in stages.values()
-    options = FFOptions(quadrature_points=quadrature_points, chunk_size=chunk_size)
-    outputs: dict[str, Tensor] = {}
-    ratios: dict[str, Tensor] = {}
-    completeness: dict[str, Tensor] = {}
-    checked: dict[int, dict[str, float]] = {}
-    patterns: list[Tensor] = []
-    norms: list[Tensor] = []
-    routes: list[Callable[[], alti.AltiInputs]] = []
+    builder = MapsBuilder(plan, len(layer_list))
     mask: Tensor | None = None
     bar = tqdm(layer_list, desc="mixing maps", unit="layer", disable=not progress)
     for index, layer in enumerate(bar):
-        present = {r for r in optional if adapter.in_cache(cache, r, layer)}
-        tensors = _read(
-            adapter, cache, layer, roles | present, [s.name for s in wanted], value_norms
-        )
-        if mask is None:
-            mask = resolve_mask(adapter, attention_mask, tokens, tensors)
-        result = layer_maps(tensors, mask, attention_stages, value_norms)
-        if verify:  # after the attention-block maps, whose tensors are still in the CPU cache
-            checked[layer] = verify_layer(
-                tensors,
-                mask,
-                through_ff=through_ff,
-                precision=tensors.precision,
-                model_name=adapter.spec.model_name,
-                causal=adapter.spec.causal,
-            )
-        if whole:
-            assert result.pattern is not None
-            extra = whole_layer_maps(tensors, result.pattern, mask, whole, options)
-            mask_padding(extra.maps, extra.ratios, mask)  # idempotent where stages share one
-            result.maps |= extra.maps
-            result.ratios |= extra.ratios
-            for scope, residual in extra.completeness.items():
-                residual = residual.masked_fill(~mask, float("nan"))
-                completeness.setdefault(scope, residual.new_empty(len(layer_list), *residual.shape))
-                completeness[scope][index] = residual
-        for scope, layer_map in result.maps.items():
-            if scope not in outputs:  # preallocated: one copy of each map, no stacking
-                outputs[scope] = layer_map.new_empty(len(layer_list), *layer_map.shape)
-                ratios[scope] = layer_map.new_empty(len(layer_list), *layer_map.shape[:2])
-            outputs[scope][index] = layer_map
-            ratios[scope][index] = result.ratios[scope]
-        if result.pattern is not None:
-            patterns.append(result.pattern)
-        if result.value_norms is not None:
-            norms.append(result.value_norms)
-        if result.routes is not None:
-            routes.append(result.routes)
+        result, mask = compute_layer(adapter, plan, cache, layer, mask, attention_mask, tokens)
+        builder.add(index, result, layer)
     assert mask is not None
-    stacked_norms = torch.stack(norms) if norms else None
-    names = [s.name for s in wanted]
-    alti_names = [n for n, s in stages.items() if s is Stage.ALTI]
-    lazy_routes = Routes(routes, mask, alti_floor) if routes else None
-    return MixingMaps(
-        layers=tuple(layer_list),
-        maps={name: outputs[name] for name in names},
-        heads=HeadMaps(
-            tuple(s.name for s in wanted if s.has_heads), patterns, stacked_norms, lazy_routes
-        ),
-        ratios={name: ratios[name] for name in names},
-        mask=mask,
-        convention=adapter.spec.convention,
-        model_name=adapter.spec.model_name,
-        value_norms=stacked_norms if value_norms else None,
-        tokens=tokens,
-        str_tokens=adapter.str_tokens(tokens) if tokens is not None else None,
-        completeness={name: completeness[name] for name in whole},
-        causal=adapter.spec.causal,
-        verification=checked,
-        residual_share=ResidualShare(lazy_routes) if alti_names and lazy_routes else {},
+    return builder.build(adapter, tuple(layer_list), mask, tokens, alti_floor)
+
+
+@dataclass(frozen=True)
+class MapsPlan:
+    """What the maps of ``scopes`` read and compute, per layer (one plan for every layer)."""
+
+    scopes: tuple[Scope, ...]
+    stages: dict[str, Stage]
+    roles: frozenset[str]  # the maps' own roles
+    optional: frozenset[str]  # the self-check's, read where the cache has them
+    options: FFOptions
+    value_norms: bool
+    verify: bool
+
+    @property
+    def attention_stages(self) -> dict[str, Stage]:
+        return {n: s for n, s in self.stages.items() if s in ATTENTION_STAGES}
+
+    @property
+    def whole(self) -> dict[str, Stage]:
+        return {n: s for n, s in self.stages.items() if s in WHOLE_LAYER_STAGES}
+
+    @property
+    def through_ff(self) -> bool:
+        return bool(self.whole) or Stage.GLOBENC in self.stages.values()
+
+
+def plan_maps(
+    adapter: ModelAdapter,
+    scopes: str | Iterable[str],
+    *,
+    value_norms: bool = False,
+    verify: bool = True,
+    quadrature_points: int | None = None,
+    chunk_size: int | None = None,
+) -> MapsPlan:
+    """Resolve ``scopes`` for the adapter's layout (refusing unsupported ones with the reason)."""
+    wanted = resolve_scopes(scopes)
+    layout = adapter.layout
+    roles = _roles(wanted, adapter, value_norms)
+    return MapsPlan(
+        scopes=wanted,
+        stages={s.name: stage_of(s, layout) for s in wanted},
+        roles=roles,
+        optional=check_roles(wanted, layout) - roles if verify else frozenset(),
+        options=FFOptions(quadrature_points=quadrature_points, chunk_size=chunk_size),
+        value_norms=value_norms,
+        verify=verify,
     )
+
+
+@dataclass
+class LayerResult:
+    """Everything one layer contributes to a ``MixingMaps``."""
+
+    maps: dict[str, Tensor]
+    ratios: dict[str, Tensor]
+    completeness: dict[str, Tensor]
+    pattern: Tensor | None
+    value_norms: Tensor | None
+    routes: Callable[[], alti.AltiInputs] | None
+    checked: dict[str, float] | None
+
+
+def compute_layer(
+    adapter: ModelAdapter,
+    plan: MapsPlan,
+    cache: Any,
+    layer: int,
+    mask: Tensor | None,
+    attention_mask: Tensor | None = None,
+    tokens: Tensor | None = None,
+) -> tuple[LayerResult, Tensor]:
+    """The maps of one layer from ``cache`` (anything indexable by hook name) and the run's
+    padding mask (resolved on the first layer when ``mask`` is None)."""
+    present = {r for r in plan.optional if adapter.in_cache(cache, r, layer)}
+    names = [s.name for s in plan.scopes]
+    tensors = _read(adapter, cache, layer, plan.roles | present, names, plan.value_norms)
+    if mask is None:
+        mask = resolve_mask(adapter, attention_mask, tokens, tensors)
+    result = layer_maps(tensors, mask, plan.attention_stages, plan.value_norms)
+    checked = None
+    if plan.verify:  # after the attention-block maps, whose tensors are still in the CPU cache
+        checked = verify_layer(
+            tensors,
+            mask,
+            through_ff=plan.through_ff,
+            precision=tensors.precision,
+            model_name=adapter.spec.model_name,
+            causal=adapter.spec.causal,
+        )
+    completeness: dict[str, Tensor] = {}
+    if plan.whole:
+        assert result.pattern is not None
+        extra = whole_layer_maps(tensors, result.pattern, mask, plan.whole, plan.options)
+        mask_padding(extra.maps, extra.ratios, mask)  # idempotent where stages share one
+        result.maps |= extra.maps
+        result.ratios |= extra.ratios
+        completeness = {
+            scope: residual.masked_fill(~mask, float("nan"))
+            for scope, residual in extra.completeness.items()
+        }
+    out = LayerResult(
+        maps=result.maps,
+        ratios=result.ratios,
+        completeness=completeness,
+        pattern=result.pattern,
+        value_norms=result.value_norms,
+        routes=result.routes,
+        checked=checked,
+    )
+    return out, mask
+
+
+class MapsBuilder:
+    """Collects ``LayerResult``s into one ``MixingMaps`` (preallocated: one copy of each map)."""
+
+    def __init__(
+        self,
+        plan: MapsPlan,
+        n_layers: int,
+        *,
+        dtype: torch.dtype | None = None,
+        keep_heads: bool = True,
+    ) -> None:
+        self.plan = plan
+        self.n_layers = n_layers
+        self.dtype = dtype
+        self.keep_heads = keep_heads
+        self.outputs: dict[str, Tensor] = {}
+        self.ratios: dict[str, Tensor] = {}
+        self.completeness: dict[str, Tensor] = {}
+        self.checked: dict[int, dict[str, float]] = {}
+        self.patterns: list[Tensor] = []
+        self.norms: list[Tensor] = []
+        self.routes: list[Callable[[], alti.AltiInputs]] = []
+        self.layers: list[int] = []
+
+    def add(self, index: int, result: LayerResult, layer: int | None = None) -> None:
+        n = self.n_layers
+        for scope, layer_map in result.maps.items():
+            if scope not in self.outputs:
+                dtype = self.dtype or layer_map.dtype
+                self.outputs[scope] = layer_map.new_empty(n, *layer_map.shape, dtype=dtype)
+                self.ratios[scope] = layer_map.new_empty(n, *layer_map.shape[:2])
+            self.outputs[scope][index] = layer_map
+            self.ratios[scope][index] = result.ratios[scope]
+        for scope, residual in result.completeness.items():
+            if scope not in self.completeness:
+                self.completeness[scope] = residual.new_empty(n, *residual.shape)
+            self.completeness[scope][index] = residual
+        if result.pattern is not None and self.keep_heads:
+            pattern = result.pattern
+            self.patterns.append(pattern.to(self.dtype) if self.dtype is not None else pattern)
+        if result.value_norms is not None:
+            self.norms.append(result.value_norms)
+        if result.routes is not None and self.keep_heads:
+            self.routes.append(result.routes)
+        if result.checked is not None and layer is not None:
+            self.checked[layer] = result.checked
+
+    def build(
+        self,
+        adapter: ModelAdapter,
+        layers: tuple[int, ...],
+        mask: Tensor,
+        tokens: Tensor | None,
+        alti_floor: float = 0.0,
+    ) -> MixingMaps:
+        plan = self.plan
+        stacked_norms = torch.stack(self.norms) if self.norms else None
+        names = [s.name for s in plan.scopes]
+        has_alti = any(s is Stage.ALTI for s in plan.stages.values())
+        lazy_routes = Routes(self.routes, mask, alti_floor) if self.routes else None
+        with_heads = tuple(s.name for s in plan.scopes if s.has_heads) if self.keep_heads else ()
+        return MixingMaps(
+            layers=layers,
+            maps={name: self.outputs[name] for name in names},
+            heads=HeadMaps(with_heads, self.patterns, stacked_norms, lazy_routes),
+            ratios={name: self.ratios[name] for name in names},
+            mask=mask,
+            convention=adapter.spec.convention,
+            model_name=adapter.spec.model_name,
+            value_norms=stacked_norms if plan.value_norms else None,
+            tokens=tokens,
+            str_tokens=adapter.str_tokens(tokens) if tokens is not None else None,
+            completeness={name: self.completeness[name] for name in plan.whole},
+            causal=adapter.spec.causal,
+            verification=self.checked,
+            residual_share=ResidualShare(lazy_routes) if has_alti and lazy_routes else {},
+        )
 
 
 def _read(
