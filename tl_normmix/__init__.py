@@ -10,6 +10,7 @@
 from tl_normmix import analysis, corpus
 from tl_normmix.aggregate import rollout
 from tl_normmix.analysis import AmplifiedPair, contextualization_change, diff, ff_amplified_pairs
+from tl_normmix.forward_maps import run_mixing_maps
 from tl_normmix.interventions.agreement import Agreement, agreement
 from tl_normmix.interventions.attribution import EdgeAttribution, edge_attribution
 from tl_normmix.interventions.circuits import (
@@ -69,6 +70,7 @@ __all__ = [
     "on_hidden_states",
     "plots",
     "rollout",
+    "run_mixing_maps",
     "value_zeroing",
     "views",
 ]

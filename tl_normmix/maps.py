@@ -28,6 +28,7 @@ from tl_normmix.decompose.whole_layer import WHOLE_LAYER_STAGES, FFOptions, whol
 from tl_normmix.models.adapter import ModelAdapter, adapt
 from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.errors import MissingHookError
+from tl_normmix.row_statistics import RowStatistics
 from tl_normmix.scopes import (
     VALUE_NORM_ROLES,
     Scope,
@@ -64,6 +65,8 @@ class MixingMaps:
         residual_share: ``"alti"`` -> ``[layer, batch, query]``: the share of the residual part
             among the per-head parts of ``heads["alti"]`` (information-flow routes, METHODS §4);
             built with them on first access. NaN at padding.
+        stats: scope -> per-receiver statistics (``run_mixing_maps(..., keep="stats")``: the
+            maps themselves are then absent).
     """
 
     layers: tuple[int, ...]
@@ -84,8 +87,16 @@ class MixingMaps:
     residual_share: Mapping[str, Float[Tensor, "layer batch query_pos"]] = field(
         default_factory=dict, repr=False
     )
+    stats: dict[str, RowStatistics] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, scope: str) -> Float[Tensor, "layer batch query_pos key_pos"]:
+        if scope not in self.maps and scope in self.stats:
+            raise KeyError(
+                f"Only statistics of {scope!r} were kept (keep='stats'): read "
+                f"maps.stats[{scope!r}] and maps.mixing_ratio; for the N×N maps run "
+                "run_mixing_maps(..., keep='maps') "
+                "(N² floats per layer and scope)."
+            )
         if scope not in self.maps:
             raise KeyError(
                 f"Scope {scope!r} was not computed; these were: {', '.join(self.maps)}. "
@@ -98,7 +109,7 @@ class MixingMaps:
 
     @property
     def scopes(self) -> tuple[str, ...]:
-        return tuple(self.maps)
+        return tuple(self.maps) or tuple(self.stats)
 
     def layer_index(self, layer: int) -> int:
         """Position of model layer ``layer`` along dimension 0 of the tensors."""
@@ -112,7 +123,8 @@ class MixingMaps:
         Norm scopes: ``‖Σ_{j≠i} F_i(x_j)‖ / (‖Σ_{j≠i} F_i(x_j)‖ + ‖F_i(x_i)‖)``; ``attn_w``:
         ``Σ_{j≠i} ᾱ_ij``; ``attnres_w``: half of that.
         """
-        self[scope]  # a clear error for scopes that were not computed
+        if scope not in self.ratios:
+            self[scope]  # a clear error for scopes that were not computed
         return self.ratios[scope]
 
 
@@ -346,9 +358,11 @@ class MapsBuilder:
             if scope not in self.outputs:
                 dtype = self.dtype or layer_map.dtype
                 self.outputs[scope] = layer_map.new_empty(n, *layer_map.shape, dtype=dtype)
-                self.ratios[scope] = layer_map.new_empty(n, *layer_map.shape[:2])
             self.outputs[scope][index] = layer_map
-            self.ratios[scope][index] = result.ratios[scope]
+        for scope, ratio in result.ratios.items():
+            if scope not in self.ratios:
+                self.ratios[scope] = ratio.new_empty(n, *ratio.shape)
+            self.ratios[scope][index] = ratio
         for scope, residual in result.completeness.items():
             if scope not in self.completeness:
                 self.completeness[scope] = residual.new_empty(n, *residual.shape)
@@ -379,7 +393,7 @@ class MapsBuilder:
         with_heads = tuple(s.name for s in plan.scopes if s.has_heads) if self.keep_heads else ()
         return MixingMaps(
             layers=layers,
-            maps={name: self.outputs[name] for name in names},
+            maps={name: self.outputs[name] for name in names if name in self.outputs},
             heads=HeadMaps(with_heads, self.patterns, stacked_norms, lazy_routes),
             ratios={name: self.ratios[name] for name in names},
             mask=mask,
