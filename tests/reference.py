@@ -156,21 +156,22 @@ def alti_parts(t, mask: torch.Tensor) -> Stage:
     return through(t, t.layout.mid, stage)
 
 
-def l1_contributions(parts: torch.Tensor, whole: torch.Tensor, floor: float = 0.0):
-    """``max(‖y‖₁ − ‖y − part‖₁, floor)`` for parts ``[..., d]`` against ``whole`` broadcast."""
-    return (whole.abs().sum(-1) - (whole - parts).abs().sum(-1)).clamp_min(floor)
+def l1_contributions(parts: torch.Tensor, whole: torch.Tensor, floor: float = 0.0, eps=0.0):
+    """``max(‖y‖₁ − ‖part − y + eps‖₁, floor)`` for parts ``[..., d]`` against ``whole``
+    broadcast (``eps`` as ``torch.nn.functional.pairwise_distance``)."""
+    return (whole.abs().sum(-1) - (parts - whole + eps).abs().sum(-1)).clamp_min(floor)
 
 
-def alti(t, mask: torch.Tensor) -> torch.Tensor:
+def alti(t, mask: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """ALTI's per-layer map ``[b, i, j]``, rows normalised over real keys."""
     parts, bias = alti_parts(t, mask)
     whole = parts.sum(2) + bias
-    c = l1_contributions(parts, whole[:, :, None])
+    c = l1_contributions(parts, whole[:, :, None], eps=eps)
     c = c.masked_fill(~(mask[:, :, None] & mask[:, None, :]), 0.0)
     return c / c.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
-def alti_routes(t, mask: torch.Tensor, floor: float = 0.0):
+def alti_routes(t, mask: torch.Tensor, floor: float = 0.0, eps: float = 0.0):
     """Per (head, source) parts and the residual part, normalised together per receiver:
     ``([b, h, i, j], [b, i])``; each head's term pushed through the chains on its own."""
     pair = mask[:, None, :, None] & mask[:, None, None, :]
@@ -184,9 +185,9 @@ def alti_routes(t, mask: torch.Tensor, floor: float = 0.0):
     residual, _ = through(t, t.layout.mid, (t["resid_pre"].double()[:, :, None], zero))
     parts, bias = alti_parts(t, mask)
     whole = parts.sum(2) + bias
-    c_heads = l1_contributions(heads, whole[:, :, None], floor).view(b, n, n, h)
+    c_heads = l1_contributions(heads, whole[:, :, None], floor, eps).view(b, n, n, h)
     c_heads = c_heads.masked_fill(~mask[:, None, :, None], 0.0)
-    c_res = l1_contributions(residual[:, :, 0], whole, floor)
+    c_res = l1_contributions(residual[:, :, 0], whole, floor, eps)
     total = c_heads.sum(dim=(2, 3)) + c_res
     return (c_heads / total[:, :, None, None]).permute(0, 3, 1, 2), c_res / total
 

@@ -169,6 +169,7 @@ def mixing_maps(
     progress: bool = False,
     verify: bool = True,
     alti_floor: float = 0.0,
+    alti_eps: float = 0.0,
 ) -> MixingMaps:
     """Compute the context-mixing maps of ``scopes`` from ``cache`` (METHODS.md §1–3).
 
@@ -195,6 +196,10 @@ def mixing_maps(
         alti_floor: ``heads["alti"]``: the least contribution of a part before the parts of a row
             are normalised (llm-transparency-tool uses 1e-5, which gives exact zeros such as
             future tokens a small share); 0 keeps them zero.
+        alti_eps: ALTI (map and routes): the L1 distance is ``‖T − y + eps‖₁``; the reference
+            implementations use ``torch.nn.functional.pairwise_distance``, whose default adds
+            ``1e-6`` to every component — pass 1e-6 to reproduce them number for number; 0 is
+            METHODS §4's exact ``‖y − T‖₁``.
     """
     adapter = adapt(model)
     plan = plan_maps(
@@ -204,6 +209,7 @@ def mixing_maps(
         verify=verify,
         quadrature_points=quadrature_points,
         chunk_size=chunk_size,
+        alti_eps=alti_eps,
     )
     layer_list = adapter.check_layers(layers)
     builder = MapsBuilder(plan, len(layer_list))
@@ -227,6 +233,7 @@ class MapsPlan:
     options: FFOptions
     value_norms: bool
     verify: bool
+    alti_eps: float = 0.0
 
     @property
     def attention_stages(self) -> dict[str, Stage]:
@@ -249,6 +256,7 @@ def plan_maps(
     verify: bool = True,
     quadrature_points: int | None = None,
     chunk_size: int | None = None,
+    alti_eps: float = 0.0,
 ) -> MapsPlan:
     """Resolve ``scopes`` for the adapter's layout (refusing unsupported ones with the reason)."""
     wanted = resolve_scopes(scopes)
@@ -262,6 +270,7 @@ def plan_maps(
         options=FFOptions(quadrature_points=quadrature_points, chunk_size=chunk_size),
         value_norms=value_norms,
         verify=verify,
+        alti_eps=alti_eps,
     )
 
 
@@ -294,7 +303,9 @@ def compute_layer(
     tensors = _read(adapter, cache, layer, plan.roles | present, names, plan.value_norms)
     if mask is None:
         mask = resolve_mask(adapter, attention_mask, tokens, tensors)
-    result = layer_maps(tensors, mask, plan.attention_stages, plan.value_norms)
+    result = layer_maps(
+        tensors, mask, plan.attention_stages, plan.value_norms, alti_eps=plan.alti_eps
+    )
     checked = None
     if plan.verify:  # after the attention-block maps, whose tensors are still in the CPU cache
         checked = verify_layer(
@@ -389,7 +400,7 @@ class MapsBuilder:
         stacked_norms = torch.stack(self.norms) if self.norms else None
         names = [s.name for s in plan.scopes]
         has_alti = any(s is Stage.ALTI for s in plan.stages.values())
-        lazy_routes = Routes(self.routes, mask, alti_floor) if self.routes else None
+        lazy_routes = Routes(self.routes, mask, alti_floor, plan.alti_eps) if self.routes else None
         with_heads = tuple(s.name for s in plan.scopes if s.has_heads) if self.keep_heads else ()
         return MixingMaps(
             layers=layers,
@@ -480,11 +491,16 @@ class Routes:
     METHODS §4), for every computed layer: ``N²·H·d`` work per layer, so built on first access."""
 
     def __init__(
-        self, inputs: list[Callable[[], alti.AltiInputs]], mask: Tensor, floor: float
+        self,
+        inputs: list[Callable[[], alti.AltiInputs]],
+        mask: Tensor,
+        floor: float,
+        eps: float = 0.0,
     ) -> None:
         self._inputs = inputs
         self._mask = mask
         self._floor = floor
+        self._eps = eps
         self._built: tuple[Tensor, Tensor] | None = None
 
     def parts(self) -> tuple[Tensor, Tensor]:
@@ -492,7 +508,8 @@ class Routes:
         residual's shares."""
         if self._built is None:
             layers = [
-                alti.alti_routes(rebuild(), self._mask, self._floor) for rebuild in self._inputs
+                alti.alti_routes(rebuild(), self._mask, self._floor, self._eps)
+                for rebuild in self._inputs
             ]
             self._built = (torch.stack([h for h, _ in layers]), torch.stack([r for _, r in layers]))
         return self._built

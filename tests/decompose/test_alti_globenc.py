@@ -106,3 +106,25 @@ def test_future_tokens_get_the_floor_share(hf_root):
     future = torch.ones(6, 6, dtype=torch.bool).triu(1)
     assert (plain[..., future] == 0).all()
     assert (floored[..., future] > 0).all()
+
+
+def test_pairwise_distance_eps_reproduces_the_reference_codes(hf_root):
+    """``alti_eps=1e-6``: ``‖T − y + eps‖₁`` as ``pairwise_distance`` computes it, for the map
+    and the routes (with the tool's floor)."""
+    from tiny_models import Case
+
+    for family in ("gpt2", "bert"):
+        model = build(Case(family, "raw"), hf_root)
+        toks = tokens(1, 6)
+        _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, "alti"))
+        maps = nm.mixing_maps(model, cache, "alti", alti_eps=1e-2, alti_floor=1e-5)
+        plain = nm.mixing_maps(model, cache, "alti")
+        _, layers = read_layers(model, toks)
+        real = torch.ones(toks.shape, dtype=torch.bool)
+        for index, t in enumerate(layers):
+            expected = reference.alti(t, real, eps=1e-2)
+            assert_rel_close(maps["alti"][index], expected, rtol=1e-4, what=family)
+            assert not torch.allclose(plain["alti"][index], maps["alti"][index], atol=1e-6)
+            heads, share = reference.alti_routes(t, real, 1e-5, eps=1e-2)
+            assert_rel_close(maps.heads["alti"][index], heads, rtol=1e-4, what=family)
+            assert torch.allclose(maps.residual_share["alti"][index].double(), share, atol=1e-5)

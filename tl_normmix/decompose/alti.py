@@ -83,10 +83,11 @@ def _chunk(batch: int, pos: int, width: int) -> int:
 
 
 def alti_map(
-    a: AltiInputs, mask: Bool[Tensor, "batch pos"]
+    a: AltiInputs, mask: Bool[Tensor, "batch pos"], eps: float = 0.0
 ) -> tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
     """ALTI's per-layer map (rows sum to 1 over real tokens) and ``1 − c_ii``, the share a
-    receiver takes from the other tokens."""
+    receiver takes from the other tokens. ``eps``: the distance is ``‖T − y + eps‖₁``, as
+    ``torch.nn.functional.pairwise_distance`` computes it in the reference code (``1e-6``)."""
     batch, _, n, _ = a.pattern.shape
     d = a.g.shape[-1]
     out = a.pattern.new_zeros(batch, n, n)
@@ -98,7 +99,7 @@ def alti_map(
         by_key = a.pattern[:, :, start:stop].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
         parts = torch.matmul(by_key, a.g) * a.kappa[:, None, start:stop, None]  # [b, key, q, d]
         parts[:, rows, rows - start] = a.diag[:, start:stop]
-        distance = (a.whole[:, None, start:stop] - parts).abs().sum(-1)  # [b, key, q]
+        distance = (a.whole[:, None, start:stop] - parts - eps).abs().sum(-1)  # [b, key, q]
         out[:, start:stop] = (
             (whole_l1[:, None, start:stop] - distance).clamp_min(0.0).transpose(1, 2)
         )
@@ -109,16 +110,17 @@ def alti_map(
 
 
 def alti_routes(
-    a: AltiInputs, mask: Bool[Tensor, "batch pos"], floor: float = 0.0
+    a: AltiInputs, mask: Bool[Tensor, "batch pos"], floor: float = 0.0, eps: float = 0.0
 ) -> tuple[Float[Tensor, "batch head_index query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
     """Per-(head, source) contributions and the residual's, normalised together per receiver
-    (llm-transparency-tool's attention contributions; ``floor`` as its ``EPS``). Padded keys are
-    no parts (zero); padded receivers are zero rows with a NaN residual share."""
+    (llm-transparency-tool's attention contributions; ``floor`` as its ``EPS``, ``eps`` as its
+    ``pairwise_distance``). Padded keys are no parts (zero); padded receivers are zero rows with
+    a NaN residual share. With ``eps`` every part is built (none is exactly zero)."""
     batch, heads, n, _ = a.pattern.shape
     d = a.g.shape[-1]
     out = a.pattern.new_zeros(batch, heads, n, n)
     whole_l1 = a.whole.abs().sum(-1)
-    residual = (whole_l1 - (a.whole - a.residual).abs().sum(-1)).clamp_min(floor)
+    residual = (whole_l1 - (a.whole - a.residual - eps).abs().sum(-1)).clamp_min(floor)
     keys = mask[:, None, None, :].to(out.device)
     chunk = _chunk(batch, n, heads * d)
     for start in range(0, n, chunk):
@@ -127,6 +129,7 @@ def alti_routes(
         # ‖y‖₁ − ‖y − 0‖₁ = 0, so they get the floor without being built
         reached = (a.pattern[:, :, start:stop] != 0).flatten(0, 2).any(dim=0).nonzero()
         hi = int(reached[-1]) + 1 if reached.numel() else 0
+        hi = n if eps else hi
         out[:, :, start:stop, hi:] = floor
         if hi == 0:
             continue
@@ -134,7 +137,10 @@ def alti_routes(
         alpha = a.pattern[:, :, start:stop, :hi].permute(0, 2, 3, 1)
         alpha = alpha * a.kappa[:, start:stop, None, None]
         parts = alpha[..., None] * a.g[:, None, :hi]
-        parts.sub_(a.whole[:, start:stop, None, None]).abs_()
+        parts.sub_(a.whole[:, start:stop, None, None])
+        if eps:
+            parts.add_(eps)
+        parts.abs_()
         c = (whole_l1[:, start:stop, None, None] - parts.sum(-1)).clamp_min(floor)
         del parts
         out[:, :, start:stop, :hi] = c.permute(0, 3, 1, 2)

@@ -50,8 +50,10 @@ def layer_maps(
     mask: Bool[Tensor, "batch pos"],
     stages: Mapping[str, Stage],
     value_norms: bool,
+    alti_eps: float = 0.0,
 ) -> LayerMaps:
-    """Layer maps and mixing ratios named by ``stages`` for one layer; padded cells are zero."""
+    """Layer maps and mixing ratios named by ``stages`` for one layer; padded cells are zero.
+    ``alti_eps``: ALTI's distance offset (``alti.alti_map``)."""
     padded = not bool(mask.all())
     pattern = None
     if "pattern" in t:
@@ -75,7 +77,7 @@ def layer_maps(
     for name in [n for n, s in stages.items() if s is Stage.ALTI]:
         assert pattern is not None
         rebuild = _alti_inputs(t, pattern)
-        maps[name], ratios[name] = alti.alti_map(rebuild(), mask)
+        maps[name], ratios[name] = alti.alti_map(rebuild(), mask, alti_eps)
     requests = {
         n: _request(t, s)
         for n, s in stages.items()
