@@ -53,10 +53,16 @@ def test_long_texts_leave_the_matrices_out_and_say_so(monkeypatch, hf_root):
     model = tiny_models.build(tiny_models.Case("gpt2", "raw"), hf_root)
     monkeypatch.setattr(report, "HEADS_MAX_TOKENS", 5)
     monkeypatch.setattr(report, "MATRIX_MAX_TOKENS", 6)
+    html = report.build_report(model, tiny_models.tokens(1, 6), scopes=["attn_w", "attn_n"])
+    assert _count(html, "AttentionHeads") == 0 and _count(html, "AttentionPattern") == 2 * 2
+    assert "the per-head maps are left out" in html
     html = report.build_report(model, tiny_models.tokens(1, 7), scopes=["attn_w", "attn_n"])
     assert _count(html, "AttentionHeads") == 0 and _count(html, "AttentionPattern") == 0
-    assert "the per-head maps and the scope maps are left out" in html
     assert "the methods are compared up to 6 tokens" in html
+    # above MATRIX_MAX_TOKENS: statistics computed during the forward pass, per layer
+    assert "the maps (n² per layer) are not kept" in html and "Where tokens read from" in html
+    assert html.count("strongest sources (share of its row)") == 2
+    assert _count(html, "ColoredTokensMulti") == 2  # value norms per layer
 
 
 def test_write_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ __all__ = [
     "head_grid",
     "layer_profiles",
     "mixing_ratios",
+    "reach",
     "sink_shares",
 ]
 
@@ -62,6 +63,28 @@ def sink_shares(maps: MixingMaps, *, sink: int = 0, ax: Any = None) -> Any:
     for scope, name in (("attn_w", "by weight (attn_w)"), ("attn_n", "by norm (attn_n)")):
         ax.plot(maps.layers, sink_share(maps, scope, sink).tolist(), "o-", label=name)
     _finish(ax, f"share received by {label}", f"sink share of {label}: weight vs norm")
+    ax.set_ylim(0, 1)
+    return fig
+
+
+def reach(maps: MixingMaps, scopes: Sequence[str] | None = None, *, ax: Any = None) -> Any:
+    """How far tokens read, per layer, from ``run_mixing_maps(..., keep="stats")``: the mean over
+    real receivers of the first token's share (solid) and of the previous ``window`` tokens'
+    share (dashed), one colour per scope."""
+    fig, ax = _axes(ax)
+    for scope in scopes if scopes is not None else tuple(maps.stats):
+        stats = maps.stats[scope]
+        sink = stats.sink_share.nanmean(dim=(1, 2)).tolist()
+        window = stats.window_share.nanmean(dim=(1, 2)).tolist()
+        (line,) = ax.plot(maps.layers, sink, "o-", label=f"{scope}: first token")
+        ax.plot(
+            maps.layers,
+            window,
+            "s--",
+            color=line.get_color(),
+            label=f"{scope}: previous {stats.window} tokens",
+        )
+    _finish(ax, "share of the row (mean over tokens)", "where tokens read from, per layer")
     ax.set_ylim(0, 1)
     return fig
 

@@ -25,6 +25,7 @@ import torch
 
 from tl_normmix.aggregate import rollout
 from tl_normmix.decompose.blocks import Stage
+from tl_normmix.forward_maps import run_mixing_maps
 from tl_normmix.interventions.value_zeroing import value_zeroing
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
 from tl_normmix.models.adapter import adapt
@@ -124,23 +125,37 @@ def build_report(
     "methods compared" section (up to ``MATRIX_MAX_TOKENS`` tokens)."""
     start = time.perf_counter()
     scopes = tuple(scopes) if scopes is not None else default_scopes(model)
-    names = hook_filter(model, scopes, value_norms=True)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names)
-    maps = mixing_maps(
-        model,
-        cache,
-        scopes,
-        layers=list(layers) if layers is not None else None,
-        tokens=tokens,
-        value_norms=True,
-        progress=progress,
-    )
-    del cache
+    chosen = list(layers) if layers is not None else None
+    n = int(tokens.shape[-1])
+    if n > MATRIX_MAX_TOKENS:  # statistics computed during the forward pass, no N×N maps
+        maps = run_mixing_maps(
+            model,
+            tokens,
+            scopes,
+            layers=chosen,
+            keep="stats",
+            value_norms=True,
+            progress=progress,
+        )
+    else:
+        names = hook_filter(model, scopes, value_norms=True)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=names)
+        maps = mixing_maps(
+            model,
+            cache,
+            scopes,
+            layers=chosen,
+            tokens=tokens,
+            value_norms=True,
+            progress=progress,
+        )
+        del cache
     items = _plots(maps)
     if methods:
         items += _methods(model, tokens, maps)
-    items += [item for layer in maps.layers for item in _layer(maps, layer)]
+    layer_items = _layer if maps.maps else _layer_statistics
+    items += [item for layer in maps.layers for item in layer_items(maps, layer)]
     seconds = time.perf_counter() - start
     name = maps.model_name
     return page(
@@ -173,6 +188,16 @@ def _plots(maps: MixingMaps) -> list[Item]:
             caption="share of each token's update that comes from the other tokens (METHODS §2)",
         )
     ]
+    if not maps.maps:  # statistics only (a long text)
+        items.append(
+            plots.figure_block(
+                plots.reach(maps),
+                title="Where tokens read from",
+                caption="mean share of each row from the first token and from the previous "
+                "tokens, by scope (statistics computed during the forward pass, METHODS §7)",
+            )
+        )
+        return items
     if {"attn_w", "attn_n"} <= set(maps.scopes):
         items.append(
             plots.figure_block(
@@ -261,6 +286,41 @@ def _layer(maps: MixingMaps, layer: int) -> list[Item]:
     last = maps.scopes[-1]
     items.append(views.reads_from(maps, last, layer, -1))
     items.append(views.writes_to(maps, last, layer, _first_real(maps)))
+    return items
+
+
+def _layer_statistics(maps: MixingMaps, layer: int) -> list[Item]:
+    """A long text's layer: value norms and the last token's strongest sources per scope."""
+    n = int(maps.mask[0].sum())
+    items: list[Item] = [
+        Block(f'<h2 id="layer-{layer}">Layer {layer}</h2>'),
+        Block(
+            f'<p class="tlnm-left-out">{n} tokens: the maps (n² per layer) are not kept; this '
+            "layer shows statistics computed during the forward pass (nm.run_mixing_maps(..., "
+            "keep='stats')).</p>"
+        ),
+        views.value_norms(maps, layer),
+    ]
+    index = maps.layer_index(layer)
+    last = int(maps.mask[0].nonzero()[-1])
+    labels = maps.str_tokens[0] if maps.str_tokens else [str(j) for j in range(n)]
+    rows = ""
+    for scope, stats in maps.stats.items():
+        values = stats.top_values[index, 0, last]
+        total = float(stats.row_sum[index, 0, last])
+        cells = [
+            f"{html.escape(repr(labels[int(j)]))}@{int(j)}: {float(v) / total:.3f}"
+            for v, j in zip(values, stats.top_indices[index, 0, last], strict=True)
+            if int(j) >= 0
+        ][:8]
+        listed = ", ".join(cells)
+        rows += f"<tr><th>{html.escape(scope)}</th><td style='text-align:left'>{listed}</td></tr>"
+    items.append(
+        Block(
+            f"<h3>The last token's strongest sources (share of its row)</h3>"
+            f'<table class="tlnm-top-sources">{rows}</table>'
+        )
+    )
     return items
 
 
