@@ -7,10 +7,10 @@ For each model and length: a plain forward (``model(tokens)``), then
 * ``value_zeroing(model, tokens)`` (every layer and source);
 * ``decompose_model(model, cache)`` (every block), with its cache run included.
 
-Wall-clock seconds (``time.perf_counter``, after one warm-up call of each on 8 tokens), the ratio
-to the forward, and the peak resident memory above the baseline (``ru_maxrss`` after resetting it
-via ``/proc/self/clear_refs``). Text: UD English-EWT dev sentences joined, cut to ``N`` tokens.
-On CUDA (``--device cuda``) times are synchronised and memory is ``torch.cuda.max_memory_allocated``.
+Wall-clock seconds (after one warm-up call of each on 8 tokens), the ratio to the forward, and the
+peak memory above what was in use before the call (``scripts/measure.py``; CPU or CUDA). Text: UD
+English-EWT dev sentences joined, cut to ``N`` tokens; ``--random``: random weights of the same
+shapes and random token ids (a GPU machine has no packaged model).
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_methods.py            # MiniLM 512, SmolLM2 256
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_methods.py --model all-MiniLM-L6-v2 --n 128
@@ -19,52 +19,21 @@ On CUDA (``--device cuda``) times are synchronised and memory is ``torch.cuda.ma
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from measure import measure
 
 import tl_normmix as nm
 
 EWT = Path(__file__).resolve().parents[2] / "shared/data/ud/UD_English-EWT/en_ewt-ud-dev.conllu"
 
 
-def reset_peak(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_above(base: float, device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20 - base
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-
-
 def timed(fn: Callable[[], Any], device: str) -> tuple[float, float, Any]:
-    reset_peak(device)
-    base = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else rss_mib()
-    start = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, peak_above(base, device), out
+    return measure(fn, device)
 
 
 def tokens_of(model: Any, n: int) -> torch.Tensor:
@@ -76,9 +45,23 @@ def tokens_of(model: Any, n: int) -> torch.Tensor:
     return toks[:, :n]
 
 
-def bench(name: str, n: int, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
-    model = nm.load_model(name, device=device, dtype=dtype)
-    toks = tokens_of(model, n).to(device)
+#: Random-weight stand-ins of the packaged models' shapes (``--random``: e.g. on a GPU machine).
+SHAPES = {"all-MiniLM-L6-v2": "minilm", "SmolLM2-135M": "smollm2"}
+
+
+def bench(
+    name: str, n: int, device: str, dtype: torch.dtype, random: bool = False
+) -> list[dict[str, Any]]:
+    if random:
+        from random_models import random_model
+
+        model = random_model(SHAPES[name], max(n, 512), device, dtype)
+        generator = torch.Generator().manual_seed(0)
+        toks = torch.randint(200, 1000, (1, n), generator=generator).to(device)
+        name = f"{name} shape (random)"
+    else:
+        model = nm.load_model(name, device=device, dtype=dtype)
+        toks = tokens_of(model, n).to(device)
     layout = nm.adapt(model).layout
     scopes = ("alti", "globenc_n") if layout.name.startswith("post_ln") else ("alti",)
     rows: list[dict[str, Any]] = []
@@ -136,6 +119,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, action="append", help="tokens per model (repeatable)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--random", action="store_true", help="random weights of the same shapes")
     args = parser.parse_args()
     models = args.model or ["all-MiniLM-L6-v2", "SmolLM2-135M"]
     lengths = args.n or ([512, 256] if not args.model else [512] * len(models))
@@ -146,7 +130,7 @@ def main() -> None:
 
     rows = []
     for name, n in zip(models, lengths, strict=True):
-        rows += bench(name, n, args.device, dtype)
+        rows += bench(name, n, args.device, dtype, args.random)
     table = pd.DataFrame(rows).fillna("")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))

@@ -1,0 +1,50 @@
+"""Wall-clock seconds and peak memory of one call, in this process (CPU or CUDA).
+
+CPU: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with glibc's mmap threshold
+fixed at 128 KiB and freed memory trimmed first, so that freed blocks return to the system and the
+peak is the call's own (a retained heap would hide it). CUDA: ``torch.cuda.max_memory_allocated``,
+times synchronised."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["measure"]
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big blocks are unmapped on free
+
+
+def _status(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def measure(fn: Callable[[], Any], device: str = "cpu") -> tuple[float, float, Any]:
+    """``(seconds, peak MiB above the memory in use before the call, fn's result)``."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        _LIBC.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status("VmRSS")
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _status("VmHWM")
+    return seconds, peak - base, out
