@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 # Test modules of the subfolders are importable by name (the real-model acceptance tests reuse
 # their checks on real weights).
-for _folder in ("models", "decompose", "render", "corpus"):
+for _folder in ("models", "decompose", "render", "corpus", "interventions"):
     sys.path.insert(1, str(Path(__file__).parent / _folder))
 
 import tiny_models  # noqa: E402  (after the path set-up above)

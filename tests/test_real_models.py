@@ -286,3 +286,28 @@ def test_smollm2_corpus_first_token_by_weight_and_by_norm(smollm2, tmp_path):
     assert len(sink_layers) >= 20
     assert all(norm[layer] < weight[layer] for layer in sink_layers)
     assert all(weight[layer] < 0.3 for layer in (0, 1, 10, 11))
+
+
+def test_peer_methods_on_real_weights(real):
+    """Issue 13 on real weights: ALTI equals the materialised reference, its resultant is the
+    model's; decompose_model is complete at every block; value zeroing equals one forward per
+    source on the last layer; run_mixing_maps equals the cached route."""
+    import test_value_zeroing
+
+    toks = real.to_tokens(SENTENCES[2])[:, :12]
+    _, cache = run_with_cache(real, toks, names_filter=nm.hook_filter(real, ("alti", "layer_n")))
+    maps = nm.mixing_maps(real, cache, ("alti", "layer_n"))
+    _, layers = read_layers(real, toks)
+    mask = torch.ones(toks.shape, dtype=torch.bool)
+    for index in (0, len(layers) - 1):
+        expected = reference.alti(layers[index], mask)
+        assert_rel_close(maps["alti"][index], expected, rtol=1e-4, what=f"alti {index}")
+    dm = nm.decompose_model(real, cache)
+    assert dm.completeness.max() < 1e-4, dm.completeness.amax(dim=(1, 2))
+    last = len(layers) - 1
+    vz = nm.value_zeroing(real, toks, layers=[last])
+    direct = test_value_zeroing.direct(real, toks, layers=[last])[0]
+    torch.testing.assert_close(vz["vz"][0].double(), direct, rtol=1e-3, atol=2e-4)
+    streamed = nm.run_mixing_maps(real, toks, ("alti", "layer_n"))
+    for scope in ("alti", "layer_n"):
+        torch.testing.assert_close(streamed[scope], maps[scope], rtol=1e-6, atol=1e-6)

@@ -39,10 +39,10 @@ def _block_output(model, toks, layer, hooks, mask):
     return adapter.read(cache, layer, {"resid_post"})["resid_post"].double()
 
 
-def _zero_v(j):
+def _zero_v(j, n):
     def hook(v, hook):
         v = v.clone()
-        if v.shape[1] == N:
+        if v.shape[1] == n:
             v[:, j] = 0.0
         else:  # the MLA bridge: [batch, head, pos, d_head]
             v[:, :, j] = 0.0
@@ -68,11 +68,12 @@ def _v_is_live(model, toks, mask):
     return not torch.allclose(clean, halved)
 
 
-def direct(model, toks, mask=None, final=None):
+def direct(model, toks, mask=None, final=None, layers=None):
     """One forward per (layer, source): ``[layer, batch, query, key]`` row-normalised scores."""
     adapter = nm.adapt(model)
+    n = toks.shape[1]
     real = mask.bool() if mask is not None else torch.ones(toks.shape, dtype=torch.bool)
-    _, layers = read_layers(model, toks, mask=mask)
+    _, layers = read_layers(model, toks, layers, mask=mask)
     live = _v_is_live(model, toks, mask)
     out = []
     for t in layers:
@@ -82,10 +83,10 @@ def direct(model, toks, mask=None, final=None):
             clean = final(clean)
         pattern = t.pattern.masked_fill(~(real[:, None, :, None] & real[:, None, None, :]), 0)
         v = editor(model).v_heads(t.hooks["v"]) if "v" in t.hooks else t.v
-        scores = torch.zeros(toks.shape[0], N, N, dtype=torch.float64)
-        for j in range(N):
+        scores = torch.zeros(toks.shape[0], n, n, dtype=torch.float64)
+        for j in range(n):
             if live:
-                hook = (f"blocks.{layer}.attn.hook_v", _zero_v(j))
+                hook = (f"blocks.{layer}.attn.hook_v", _zero_v(j, n))
             else:
                 hook = (f"blocks.{layer}.attn.hook_z", _remove_on_z(pattern, t.v, j))
             edited = _block_output(model, toks, layer, [hook], mask)
