@@ -19,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "CHUNK_SIZE",
     "SourceTerms",
+    "chunk_rows",
     "gram_factor",
     "head_mean",
     "head_summed_norms",
@@ -99,9 +100,21 @@ def psd_factor(gram: Float[Tensor, "*batch n n"]) -> Float[Tensor, "*batch n n"]
     return factor
 
 
-#: Default rows per chunk: queries in ``quadratic_norms``, sources in ``source_terms``. Small
-#: chunks keep the working buffers in cache; peak working memory is ``O(chunk · N · H)``.
+#: Default rows per chunk on a CPU: queries in ``quadratic_norms``, sources in ``source_terms``.
+#: Small chunks keep the working buffers in cache; peak working memory is ``O(chunk · N · H)``.
 CHUNK_SIZE = 32
+
+#: On a GPU small chunks leave it idle between kernel launches: a chunk fills this many floats.
+_GPU_CHUNK_FLOATS = 64 * 2**20
+
+
+def chunk_rows(pattern: Tensor, width: int) -> int:
+    """Rows per chunk for ``pattern`` ``[batch, head, query, key]`` when each row of a chunk holds
+    ``batch · key · width`` floats: ``CHUNK_SIZE`` on a CPU, as many as fill 256 MiB on a GPU."""
+    if pattern.device.type == "cpu":
+        return CHUNK_SIZE
+    batch, _, _, n = pattern.shape
+    return max(CHUNK_SIZE, _GPU_CHUNK_FLOATS // max(1, batch * n * width))
 
 
 def quadratic_norms(

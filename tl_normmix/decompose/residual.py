@@ -100,7 +100,7 @@ def decompose(
     requests: dict[str, Request],
     *,
     mixed: Float[Tensor, "batch pos d_model"] | None = None,
-    chunk_size: int = attention.CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> Decomposition:
     """``‖F_i(x_j)‖`` for all pairs and the mixing ratio ``r_i`` per request (METHODS §2).
 
@@ -113,6 +113,9 @@ def decompose(
     chains: dict[tuple[int, ...], Request] = {}
     for request in requests.values():
         chains.setdefault(request.chain_key, request)
+    if chunk_size is None:  # a query row of the quadratic pass holds N·H·(1 + Σ rank) floats
+        heads = pattern.shape[1]
+        chunk_size = attention.chunk_rows(pattern, heads * (1 + len(chains)))
     terms = attention.source_terms(
         pattern, v, W_O, [r.transform() for r in chains.values()], chunk_size=chunk_size
     )
@@ -145,7 +148,7 @@ def decomposed_norms(
     pre: NormChain = NormChain(),
     post: NormChain = NormChain(),
     *,
-    chunk_size: int = attention.CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
     """One request of ``decompose``: ``(‖F_i(x_j)‖, r_i)`` (METHODS §2)."""
     requests = {"": Request(residual, pre, post)}

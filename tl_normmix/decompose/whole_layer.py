@@ -98,9 +98,11 @@ def fixed_bytes(batch: int, pos: int, heads: int, d_model: int, hidden: int) -> 
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``), if known."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    """Free memory on ``device`` (CUDA: ``mem_get_info`` plus the blocks PyTorch's caching
+    allocator holds unused; CPU: ``MemAvailable``), if known."""
+    if device.type == "cuda":  # free on the device + what PyTorch's cache holds unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
     try:
         with open("/proc/meminfo") as f:
             for line in f:
