@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from measure import measure as _measure
+from measure import release
 from random_models import random_model
 
 import tl_normmix as nm
@@ -73,9 +74,16 @@ def part_gpt2(lengths: list[int], device: str, dtype: torch.dtype) -> list[dict[
         toks = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(
             device
         )
+        release(model)
         base_s, base_m = measure(lambda toks=toks: forward(toks), device)
+        release(model)
         cache_s, cache_m = measure(lambda toks=toks: cached(toks), device)
+        release(model)
         fwd_s, fwd_m = measure(lambda toks=toks: nm.run_mixing_maps(model, toks, SCOPES), device)
+        release(model)
+        half_s, half_m = measure(
+            lambda toks=toks: nm.run_mixing_maps(model, toks, SCOPES, dtype=torch.float16), device
+        )
         rows.append(
             dict(
                 part="gpt2",
@@ -88,6 +96,9 @@ def part_gpt2(lengths: list[int], device: str, dtype: torch.dtype) -> list[dict[
                 run_peak_mib=fwd_m,
                 peak_ratio=fwd_m / cache_m,
                 overhead_x_forward=(fwd_s - base_s) / base_s,
+                run_fp16_s=half_s,
+                run_fp16_peak_mib=half_m,
+                fp16_peak_ratio=half_m / cache_m,
             )
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -114,7 +125,9 @@ def part_long(kind: str, n: int, device: str, dtype: torch.dtype) -> list[dict[s
     with torch.no_grad():
         model(warm, return_type=None)
     nm.run_mixing_maps(model, warm, SCOPES, keep="stats")
+    release(model)
     base_s, base_m = measure(lambda: _forward(model, toks), device)
+    release(model)
     result: dict[str, Any] = {}
 
     def run() -> Any:

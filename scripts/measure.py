@@ -1,9 +1,10 @@
 """Wall-clock seconds and peak memory of one call, in this process (CPU or CUDA).
 
-CPU: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with glibc's mmap threshold
-fixed at 128 KiB and freed memory trimmed first, so that freed blocks return to the system and the
-peak is the call's own (a retained heap would hide it). CUDA: ``torch.cuda.max_memory_allocated``,
-times synchronised."""
+CPU: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with freed memory trimmed
+first (``malloc_trim``), so that freed blocks return to the system and the peak is the call's own
+(a retained heap would hide it). CUDA: ``torch.cuda.max_memory_allocated``, times synchronised.
+``release(model)`` drops what a TransformerLens 4.3 joint-QKV bridge keeps after a forward pass
+(each layer's pattern), so that one measurement does not inherit the previous one's."""
 
 from __future__ import annotations
 
@@ -15,10 +16,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["measure"]
+__all__ = ["measure", "release"]
 
 _LIBC = ctypes.CDLL("libc.so.6")
-_LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big blocks are unmapped on free
+
+
+def release(model: Any) -> None:
+    """Set to None every non-parameter tensor attribute of the model's blocks (activations a
+    bridge kept from the last forward pass)."""
+    for module in model.blocks.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                setattr(module, name, None)
 
 
 def _status(field: str) -> float:

@@ -132,6 +132,7 @@ def run_mixing_maps(
         result, state["mask"] = compute_layer(
             adapter, plan, cache, layer, state["mask"], attention_mask, tokens
         )
+        _release(model, layer, cache)
         del cache
         if stats:
             for name in per_layer:
@@ -200,6 +201,21 @@ def run_mixing_maps(
         verification=built.verification,
         stats={name: stack_statistics(values) for name, values in per_layer.items()},
     )
+
+
+def _release(model: Any, layer: int, cache: dict[str, Tensor]) -> None:
+    """Drop the layer's own references to tensors it handed to the hooks. TransformerLens 4.3's
+    joint-QKV attention bridges (GPT-2, GPT-NeoX) keep each layer's pattern as an attribute
+    after the forward pass — ``L·H·N²`` floats that would defeat one layer's memory."""
+    storages = {t.untyped_storage().data_ptr() for t in cache.values()}
+    for module in model.blocks[layer].modules():
+        for name, value in list(vars(module).items()):
+            if (
+                isinstance(value, Tensor)
+                and not isinstance(value, torch.nn.Parameter)
+                and value.untyped_storage().data_ptr() in storages
+            ):
+                setattr(module, name, None)
 
 
 def _check_length(model: Any, adapter: ModelAdapter, tokens: Tensor) -> None:
