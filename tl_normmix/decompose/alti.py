@@ -92,17 +92,25 @@ def alti_map(
     d = a.g.shape[-1]
     out = a.pattern.new_zeros(batch, n, n)
     whole_l1 = a.whole.abs().sum(-1)  # [batch, query]
+    # Off the diagonal T_i(x_j) = κ_i P_ij (P_ij = Σ_h α^h_ij g^h_j) and κ_i > 0, so
+    # ‖T_ij − y_i + eps‖₁ = κ_i ‖P_ij − w_i‖₁ with w_i = (y_i − eps) / κ_i: the pair work is one
+    # matmul, one in-place subtraction, one in-place abs and one sum.
+    kappa = a.kappa.clamp_min(torch.finfo(a.kappa.dtype).tiny)
+    w = (a.whole - eps) / kappa[..., None]
     chunk = _chunk(batch, n, d)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        rows = torch.arange(start, stop, device=out.device)
         by_key = a.pattern[:, :, start:stop].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
-        parts = torch.matmul(by_key, a.g) * a.kappa[:, None, start:stop, None]  # [b, key, q, d]
-        parts[:, rows, rows - start] = a.diag[:, start:stop]
-        distance = (a.whole[:, None, start:stop] - parts - eps).abs().sum(-1)  # [b, key, q]
+        parts = torch.matmul(by_key, a.g)  # P_ij: [batch, key, q, d]
+        parts.sub_(w[:, None, start:stop]).abs_()
+        distance = parts.sum(-1) * kappa[:, None, start:stop]  # [batch, key, q]
+        del parts
         out[:, start:stop] = (
             (whole_l1[:, None, start:stop] - distance).clamp_min(0.0).transpose(1, 2)
         )
+    # the diagonal parts T_i(x_i) carry the residual: their own distances
+    own = (a.whole - a.diag - eps).abs().sum(-1)
+    out.diagonal(dim1=-2, dim2=-1).copy_((whole_l1 - own).clamp_min(0.0))
     out.masked_fill_(~(mask[:, :, None] & mask[:, None, :]), 0.0)
     out = out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
     ratio = 1.0 - out.diagonal(dim1=-2, dim2=-1)
@@ -122,6 +130,8 @@ def alti_routes(
     whole_l1 = a.whole.abs().sum(-1)
     residual = (whole_l1 - (a.whole - a.residual - eps).abs().sum(-1)).clamp_min(floor)
     keys = mask[:, None, None, :].to(out.device)
+    kappa = a.kappa.clamp_min(torch.finfo(a.kappa.dtype).tiny)
+    w = (a.whole - eps) / kappa[..., None]
     chunk = _chunk(batch, n, heads * d)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -133,15 +143,15 @@ def alti_routes(
         out[:, :, start:stop, hi:] = floor
         if hi == 0:
             continue
-        # κ_i α^h_ij g^h_j for the chunk's receivers and keys < hi: [batch, q, key, head, d]
+        # α^h_ij g^h_j for the chunk's receivers and keys < hi: [batch, q, key, head, d]; the part
+        # is κ_i times it, and ‖κ_i αg − y_i + eps‖₁ = κ_i ‖αg − w_i‖₁ (see alti_map)
         alpha = a.pattern[:, :, start:stop, :hi].permute(0, 2, 3, 1)
-        alpha = alpha * a.kappa[:, start:stop, None, None]
         parts = alpha[..., None] * a.g[:, None, :hi]
-        parts.sub_(a.whole[:, start:stop, None, None])
-        if eps:
-            parts.add_(eps)
-        parts.abs_()
-        c = (whole_l1[:, start:stop, None, None] - parts.sum(-1)).clamp_min(floor)
+        parts.sub_(w[:, start:stop, None, None]).abs_()
+        distance = parts.sum(-1) * kappa[:, start:stop, None, None]
+        c = (whole_l1[:, start:stop, None, None] - distance).clamp_min(floor)
+        if not eps:  # an exactly zero part gets exactly the floor
+            c.masked_fill_(alpha == 0, floor)
         del parts
         out[:, :, start:stop, :hi] = c.permute(0, 3, 1, 2)
     out = out.masked_fill(~keys, 0.0)
