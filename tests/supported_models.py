@@ -31,20 +31,25 @@ ALL = (
     "attnreslnffres_n",
     "attnreslnffresln_n",
     "layer_n",
+    "globenc_n",
+    "alti",
 )
 _NO_FF = ("attnreslnff_n", "attnreslnffres_n", "attnreslnffresln_n")
+_POST_LN_ONLY = ("attnreslnffresln_n", "globenc_n")
 
 #: The scopes each layout supports (checked against the adapter on every tiny model).
 LAYOUT_SCOPES: dict[str, tuple[str, ...]] = {
-    "pre_ln": tuple(s for s in ALL if s != "attnreslnffresln_n"),
-    "pre_ln_scaled": tuple(s for s in ALL if s != "attnreslnffresln_n"),
-    "sandwich": tuple(s for s in ALL if s != "attnreslnffresln_n"),
+    "pre_ln": tuple(s for s in ALL if s not in _POST_LN_ONLY),
+    "pre_ln_scaled": tuple(s for s in ALL if s not in _POST_LN_ONLY),
+    "sandwich": tuple(s for s in ALL if s not in _POST_LN_ONLY),
     "post_ln": ALL,
-    "post_branch_norms": tuple(s for s in ALL if s not in ("attnresln_n", "attnreslnffresln_n")),
-    "parallel": tuple(s for s in ALL if s not in ("attnresln_n", *_NO_FF)),
-    "parallel_shared_norm": tuple(s for s in ALL if s not in ("attnresln_n", *_NO_FF)),
-    "pre_ln_attention_only": tuple(s for s in ALL if s not in ("attnresln_n", *_NO_FF)),
-    "unnormalised": tuple(s for s in ALL if s not in ("attnresln_n", "attnreslnffresln_n")),
+    "post_branch_norms": tuple(s for s in ALL if s not in ("attnresln_n", *_POST_LN_ONLY)),
+    "parallel": tuple(s for s in ALL if s not in ("attnresln_n", "globenc_n", *_NO_FF)),
+    "parallel_shared_norm": tuple(s for s in ALL if s not in ("attnresln_n", "globenc_n", *_NO_FF)),
+    "pre_ln_attention_only": tuple(
+        s for s in ALL if s not in ("attnresln_n", "globenc_n", *_NO_FF)
+    ),
+    "unnormalised": tuple(s for s in ALL if s not in ("attnresln_n", *_POST_LN_ONLY)),
 }
 
 _FF = {

@@ -84,7 +84,10 @@ def test_every_view_mounted(opened):
     views = opened["state"]["views"]
     components = [v["component"] for v in views]
     assert components.count("AttentionPattern") == 30 and components.count("AttentionHeads") == 12
-    assert components.count("ColoredTokens") == 12 and components.count("ColoredTokensMulti") == 6
+    # value norms per layer, and the "Methods compared" section: methods and ALTI routes
+    assert (
+        components.count("ColoredTokens") == 12 and components.count("ColoredTokensMulti") == 6 + 2
+    )
     for view in views:
         assert not view["error"] and view["children"] > 3 and view["height"] > 20, view
 
