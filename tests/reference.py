@@ -171,12 +171,14 @@ def alti(t, mask: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     return c / c.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
-def alti_routes(t, mask: torch.Tensor, floor: float = 0.0, eps: float = 0.0):
+def alti_routes(t, mask: torch.Tensor, floor: float = 0.0, eps: float = 0.0, fold=False):
     """Per (head, source) parts and the residual part, normalised together per receiver:
-    ``([b, h, i, j], [b, i])``; each head's term pushed through the chains on its own."""
+    ``([b, h, i, j], [b, i])``; each head's term pushed through the chains on its own.
+    ``fold``: ``b_V W_O`` left out of the parts (llm-transparency-tool's folded value biases)."""
     pair = mask[:, None, :, None] & mask[:, None, None, :]
     alpha = t.pattern.double().masked_fill(~pair, 0.0)
-    f = torch.einsum("bjhd,hdm->bjhm", t.v.double(), t.W_O.double())
+    v = t.v.double() - (t.value_bias.double() if fold else 0.0)
+    f = torch.einsum("bjhd,hdm->bjhm", v, t.W_O.double())
     per_head = torch.einsum("bhij,bjhm->bijhm", alpha, f)  # [b, i, j, h, d]
     b, n, _, h, d = per_head.shape
     flat = per_head.reshape(b, n, n * h, d)

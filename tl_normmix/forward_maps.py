@@ -36,6 +36,7 @@ _OPTIONS = {
     "verify",
     "alti_floor",
     "alti_eps",
+    "alti_value_bias",
     "keep_heads",
     "stop_at_layer",
     "window",
@@ -79,9 +80,9 @@ def run_mixing_maps(
         dtype: the dtype of the kept maps (``torch.float16`` halves them); computed in float32.
         progress: a progress bar over the layers.
         **mixing_options: ``value_norms``, ``quadrature_points``, ``chunk_size``, ``verify``,
-            ``alti_floor``, ``alti_eps`` (as for ``mixing_maps``); ``keep_heads`` (default
-            False: per-head maps are ``H`` times the layer maps — True keeps them, with
-            ``keep="maps"`` only);
+            ``alti_floor``, ``alti_eps``, ``alti_value_bias`` (as for ``mixing_maps``);
+            ``keep_heads`` (default False: per-head maps are ``H`` times the layer maps — True
+            keeps them, with ``keep="maps"`` only);
             ``stop_at_layer`` (layers from it on are not run, as in TransformerLens); ``window``
             (128) and ``sink_tokens`` (1) of the statistics; ``check_memory`` (True: estimate
             before the forward pass and refuse what will not fit).
@@ -104,6 +105,7 @@ def run_mixing_maps(
         quadrature_points=mixing_options.get("quadrature_points"),
         chunk_size=mixing_options.get("chunk_size"),
         alti_eps=float(mixing_options.get("alti_eps", 0.0)),
+        alti_value_bias=str(mixing_options.get("alti_value_bias", "source")),
     )
     ed = editor(model)
     tokens = (tokens if tokens.ndim == 2 else tokens[None]).to(ed.device)

@@ -170,6 +170,7 @@ def mixing_maps(
     verify: bool = True,
     alti_floor: float = 0.0,
     alti_eps: float = 0.0,
+    alti_value_bias: str = "source",
 ) -> MixingMaps:
     """Compute the context-mixing maps of ``scopes`` from ``cache`` (METHODS.md §1–3).
 
@@ -200,6 +201,9 @@ def mixing_maps(
             implementations use ``torch.nn.functional.pairwise_distance``, whose default adds
             ``1e-6`` to every component — pass 1e-6 to reproduce them number for number; 0 is
             METHODS §4's exact ``‖y − T‖₁``.
+        alti_value_bias: ALTI (map and routes): ``"source"`` — ``b_V W_O`` inside each source's
+            ``f`` (METHODS §1, logit-explanations); ``"bias"`` — attributed to no part, as
+            llm-transparency-tool does (it folds value biases into ``b_O``).
     """
     adapter = adapt(model)
     plan = plan_maps(
@@ -210,6 +214,7 @@ def mixing_maps(
         quadrature_points=quadrature_points,
         chunk_size=chunk_size,
         alti_eps=alti_eps,
+        alti_value_bias=alti_value_bias,
     )
     layer_list = adapter.check_layers(layers)
     builder = MapsBuilder(plan, len(layer_list))
@@ -234,6 +239,7 @@ class MapsPlan:
     value_norms: bool
     verify: bool
     alti_eps: float = 0.0
+    alti_value_bias: str = "source"
 
     @property
     def attention_stages(self) -> dict[str, Stage]:
@@ -257,8 +263,11 @@ def plan_maps(
     quadrature_points: int | None = None,
     chunk_size: int | None = None,
     alti_eps: float = 0.0,
+    alti_value_bias: str = "source",
 ) -> MapsPlan:
     """Resolve ``scopes`` for the adapter's layout (refusing unsupported ones with the reason)."""
+    if alti_value_bias not in ("source", "bias"):
+        raise ValueError(f"alti_value_bias must be 'source' or 'bias', got {alti_value_bias!r}.")
     wanted = resolve_scopes(scopes)
     layout = adapter.layout
     roles = _roles(wanted, adapter, value_norms)
@@ -271,6 +280,7 @@ def plan_maps(
         value_norms=value_norms,
         verify=verify,
         alti_eps=alti_eps,
+        alti_value_bias=alti_value_bias,
     )
 
 
@@ -304,7 +314,12 @@ def compute_layer(
     if mask is None:
         mask = resolve_mask(adapter, attention_mask, tokens, tensors)
     result = layer_maps(
-        tensors, mask, plan.attention_stages, plan.value_norms, alti_eps=plan.alti_eps
+        tensors,
+        mask,
+        plan.attention_stages,
+        plan.value_norms,
+        alti_eps=plan.alti_eps,
+        alti_fold_value_bias=plan.alti_value_bias == "bias",
     )
     checked = None
     if plan.verify:  # after the attention-block maps, whose tensors are still in the CPU cache

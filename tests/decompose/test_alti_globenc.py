@@ -128,3 +128,27 @@ def test_pairwise_distance_eps_reproduces_the_reference_codes(hf_root):
             heads, share = reference.alti_routes(t, real, 1e-5, eps=1e-2)
             assert_rel_close(maps.heads["alti"][index], heads, rtol=1e-4, what=family)
             assert torch.allclose(maps.residual_share["alti"][index].double(), share, atol=1e-5)
+
+
+def test_value_bias_to_no_part_as_llm_transparency_tool(hf_root):
+    """``alti_value_bias="bias"``: the parts leave out ``b_V W_O`` (the tool folds value biases
+    into ``b_O``); the resultant is unchanged, so the residual share moves; without value biases
+    (Llama) nothing changes."""
+    from tiny_models import Case
+
+    for family in ("gpt2", "llama_bias", "llama"):
+        model = build(Case(family, "raw"), hf_root)
+        toks = tokens(1, 6)
+        _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, "alti"))
+        folded = nm.mixing_maps(model, cache, "alti", alti_value_bias="bias", alti_floor=1e-5)
+        plain = nm.mixing_maps(model, cache, "alti", alti_floor=1e-5)
+        _, layers = read_layers(model, toks)
+        real = torch.ones(toks.shape, dtype=torch.bool)
+        for index, t in enumerate(layers):
+            heads, share = reference.alti_routes(t, real, 1e-5, fold=True)
+            assert_rel_close(folded.heads["alti"][index], heads, rtol=1e-4, what=family)
+            assert torch.allclose(folded.residual_share["alti"][index].double(), share, atol=1e-5)
+        changed = not torch.allclose(folded.heads["alti"], plain.heads["alti"], atol=1e-6)
+        assert changed == (family != "llama"), family  # tiny llama has no value bias
+    with pytest.raises(ValueError, match="alti_value_bias"):
+        nm.mixing_maps(model, cache, "alti", alti_value_bias="nowhere")

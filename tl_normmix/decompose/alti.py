@@ -17,6 +17,11 @@ sum. The L1 norm is no quadratic form: the pair vectors are built a chunk of rec
 Routes (llm-transparency-tool): one part per (source ``j``, head ``h``), ``κ_i α^h_ij g^h_j``, and
 the receiver's residual ``post_i(x_i)`` as one more part; ``c = max(‖y‖₁ − ‖y − part‖₁, floor)``
 divided by the sum over all parts of the row (the tool uses ``floor = 1e-5``).
+
+Value biases: ``f^h(x_j)`` holds ``b_V^h W_O^h`` (METHODS §1). Given ``value_bias``, it is taken out
+of every source's vector and attributed to no part, ``Σ_h (Σ_j α^h_ij) b_V^h W_O^h`` joining
+``b_O`` — the convention of llm-transparency-tool, which loads models with value biases folded
+into ``b_O``. The resultant ``y`` is the same either way.
 """
 
 from __future__ import annotations
@@ -56,19 +61,25 @@ def alti_inputs(
     W_O: Float[Tensor, "head_index d_head d_model"],
     b_O: Float[Tensor, " d_model"],
     request: Request,
+    value_bias: Float[Tensor, "head_index d_head"] | None = None,
 ) -> AltiInputs:
     """The per-layer tensors of ALTI for the parts ``post(pre(Σ_h α f) + δ x)`` of ``request``
-    (``request.residual`` is ``x``, the block input)."""
+    (``request.residual`` is ``x``, the block input); ``value_bias`` (``b_V`` per query head):
+    attribute ``b_V W_O`` to no part (see the module docstring)."""
     assert request.residual is not None
     x = request.residual
     pre, post = request.pre, request.post
+    bias = b_O.expand_as(x)
+    if value_bias is not None:
+        v = v - value_bias
+        written = torch.einsum("hd,hdm->hm", value_bias, W_O)  # b_V^h W_O^h
+        bias = bias + torch.einsum("bhi,hm->bim", pattern.sum(-1), written)
     f = attention.source_vectors(v, W_O)  # [batch, key, head, d]
     transform = request.transform()
     g = f if transform is None else transform(f)
     own = attention.self_part(pattern.diagonal(dim1=-2, dim2=-1), f)
     mixed = attention.mixed_output(pattern, v, W_O)
     diag = post(pre(own) + x)
-    bias = b_O.expand_as(x)
     for norm, scale in pre.norms:
         bias = norm.apply(bias, scale)
     for norm, scale in post.norms:

@@ -51,9 +51,11 @@ def layer_maps(
     stages: Mapping[str, Stage],
     value_norms: bool,
     alti_eps: float = 0.0,
+    alti_fold_value_bias: bool = False,
 ) -> LayerMaps:
     """Layer maps and mixing ratios named by ``stages`` for one layer; padded cells are zero.
-    ``alti_eps``: ALTI's distance offset (``alti.alti_map``)."""
+    ``alti_eps``: ALTI's distance offset (``alti.alti_map``); ``alti_fold_value_bias``: ``b_V``
+    to no part (``alti.alti_inputs``)."""
     padded = not bool(mask.all())
     pattern = None
     if "pattern" in t:
@@ -76,7 +78,7 @@ def layer_maps(
     rebuild = None
     for name in [n for n, s in stages.items() if s is Stage.ALTI]:
         assert pattern is not None
-        rebuild = _alti_inputs(t, pattern)
+        rebuild = _alti_inputs(t, pattern, alti_fold_value_bias)
         maps[name], ratios[name] = alti.alti_map(rebuild(), mask, alti_eps)
     requests = {
         n: _request(t, s)
@@ -99,9 +101,17 @@ def layer_maps(
     return LayerMaps(maps=maps, ratios=ratios, pattern=pattern, value_norms=norms, routes=rebuild)
 
 
-def _alti_inputs(t: LayerTensors, pattern: Tensor) -> Callable[[], alti.AltiInputs]:
+def _alti_inputs(
+    t: LayerTensors, pattern: Tensor, fold_value_bias: bool
+) -> Callable[[], alti.AltiInputs]:
     v, W_O, b_O, request = t.v, t.W_O, t.b_O, _request(t, Stage.ALTI)
-    return lambda: alti.alti_inputs(pattern, v, W_O, b_O, request)
+    value_bias = t.value_bias if fold_value_bias else None
+    if fold_value_bias and value_bias is None:
+        raise ValueError(
+            "alti_value_bias='bias' needs b_V, which this model does not expose (multi-head "
+            "latent attention); use the default 'source'."
+        )
+    return lambda: alti.alti_inputs(pattern, v, W_O, b_O, request, value_bias)
 
 
 def _off_diagonal_sum(weights: Tensor) -> Tensor:

@@ -302,6 +302,7 @@ class LayerTensors:
     norms: dict[str, NormSpec] = field(default_factory=dict)
     mlp: FeedForward | None = None
     precision: torch.dtype = torch.float32  # the cache's dtype (the tensors here are float32)
+    b_V: Float[Tensor, "kv_head d_head"] | None = None  # inside hook_v; None where unknown
 
     def __getitem__(self, role: str) -> Tensor:
         return self.hooks[role]
@@ -332,6 +333,14 @@ class LayerTensors:
         v = self.hooks["v"]
         groups = self.block.n_heads // v.shape[2]
         return v if groups == 1 else v.repeat_interleave(groups, dim=2)
+
+    @property
+    def value_bias(self) -> Tensor | None:
+        """``b_V`` expanded to query heads: ``[head, d_head]`` (None where unknown)."""
+        if self.b_V is None:
+            return None
+        groups = self.block.n_heads // self.b_V.shape[0]
+        return self.b_V if groups == 1 else self.b_V.repeat_interleave(groups, dim=0)
 
     @property
     def batch(self) -> int:

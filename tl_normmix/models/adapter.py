@@ -263,7 +263,25 @@ class ModelAdapter:
             norms=norms,
             mlp=self.feed_forward(layer) if mlp_roles else None,
             precision=precision,
+            b_V=self._value_bias(layer, like.device) if "v" in roles else None,
         )
+
+    def _value_bias(self, layer: int, device: torch.device) -> Tensor | None:
+        """``b_V`` per key-value head, zero where the model has none; None where the model does
+        not expose it (multi-head latent attention)."""
+        try:
+            b_V = getattr(self.model.blocks[layer].attn, "b_V", None)
+        except (NotImplementedError, RuntimeError):  # MLA bridges refuse W_V / b_V
+            return None
+        kv, d_head = self.spec.block.n_kv_heads, self.spec.block.d_head
+        if b_V is None:
+            return torch.zeros(kv, d_head, device=device)
+        b_V = b_V.detach().float().to(device)
+        if b_V.ndim != 2 or b_V.shape[-1] != d_head:
+            return None
+        if b_V.shape[0] != kv:  # TL 2.x expands grouped values to the query heads
+            b_V = b_V[:: b_V.shape[0] // kv]
+        return b_V
 
     def _check_shapes(
         self, hooks: dict[str, Tensor], layer: int, sources: dict[str, Source]
