@@ -20,7 +20,8 @@ from tiny_models import run_with_cache, tokens
 import tl_normmix as nm
 from tl_normmix.analysis import spearman, valid_cells
 from tl_normmix.decompose.blocks import Stage
-from tl_normmix.maps import HeadMaps, MixingMaps
+from tl_normmix.head_maps import HeadMaps
+from tl_normmix.maps import MixingMaps
 from tl_normmix.scopes import UnsupportedScopeError
 
 

@@ -104,6 +104,7 @@ def run_mixing_maps(
         verify=bool(mixing_options.get("verify", True)),
         quadrature_points=mixing_options.get("quadrature_points"),
         chunk_size=mixing_options.get("chunk_size"),
+        alti_floor=float(mixing_options.get("alti_floor", 0.0)),
         alti_eps=float(mixing_options.get("alti_eps", 0.0)),
         alti_value_bias=str(mixing_options.get("alti_value_bias", "source")),
     )
@@ -178,31 +179,8 @@ def run_mixing_maps(
         bar.close()
     mask = state["mask"]
     assert mask is not None
-    if not stats:
-        return builder.build(
-            adapter,
-            tuple(layer_list),
-            mask,
-            tokens,
-            float(mixing_options.get("alti_floor", 0.0)),
-        )
-    built = builder.build(adapter, tuple(layer_list), mask, tokens)
-    return MixingMaps(
-        layers=built.layers,
-        maps={},
-        heads={},
-        ratios=built.ratios,
-        mask=mask,
-        convention=built.convention,
-        model_name=built.model_name,
-        value_norms=built.value_norms,
-        tokens=tokens,
-        str_tokens=built.str_tokens,
-        completeness=built.completeness,
-        causal=built.causal,
-        verification=built.verification,
-        stats={name: stack_statistics(values) for name, values in per_layer.items()},
-    )
+    statistics = {name: stack_statistics(v) for name, v in per_layer.items()} if stats else None
+    return builder.build(adapter, tuple(layer_list), mask, tokens, stats=statistics)
 
 
 def _release(model: Any, layer: int, cache: dict[str, Tensor]) -> None:

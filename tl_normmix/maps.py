@@ -12,7 +12,7 @@ receivers. Layer maps are float32 whatever the cache dtype. Cells that involve a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +21,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from tl_normmix.decompose import alti, attention
+from tl_normmix.decompose import alti
 from tl_normmix.decompose.attention_block import ATTENTION_STAGES, layer_maps, mask_padding
 from tl_normmix.decompose.blocks import LayerTensors, Stage
 from tl_normmix.decompose.whole_layer import WHOLE_LAYER_STAGES, FFOptions, whole_layer_maps
+from tl_normmix.head_maps import HeadMaps, ResidualShare, Routes
 from tl_normmix.models.adapter import ModelAdapter, adapt
 from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.errors import MissingHookError
@@ -213,6 +214,7 @@ def mixing_maps(
         verify=verify,
         quadrature_points=quadrature_points,
         chunk_size=chunk_size,
+        alti_floor=alti_floor,
         alti_eps=alti_eps,
         alti_value_bias=alti_value_bias,
     )
@@ -224,7 +226,7 @@ def mixing_maps(
         result, mask = compute_layer(adapter, plan, cache, layer, mask, attention_mask, tokens)
         builder.add(index, result, layer)
     assert mask is not None
-    return builder.build(adapter, tuple(layer_list), mask, tokens, alti_floor)
+    return builder.build(adapter, tuple(layer_list), mask, tokens)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ class MapsPlan:
     options: FFOptions
     value_norms: bool
     verify: bool
+    alti_floor: float = 0.0
     alti_eps: float = 0.0
     alti_value_bias: str = "source"
 
@@ -262,6 +265,7 @@ def plan_maps(
     verify: bool = True,
     quadrature_points: int | None = None,
     chunk_size: int | None = None,
+    alti_floor: float = 0.0,
     alti_eps: float = 0.0,
     alti_value_bias: str = "source",
 ) -> MapsPlan:
@@ -279,6 +283,7 @@ def plan_maps(
         options=FFOptions(quadrature_points=quadrature_points, chunk_size=chunk_size),
         value_norms=value_norms,
         verify=verify,
+        alti_floor=alti_floor,
         alti_eps=alti_eps,
         alti_value_bias=alti_value_bias,
     )
@@ -409,13 +414,17 @@ class MapsBuilder:
         layers: tuple[int, ...],
         mask: Tensor,
         tokens: Tensor | None,
-        alti_floor: float = 0.0,
+        stats: dict[str, RowStatistics] | None = None,
     ) -> MixingMaps:
+        """The ``MixingMaps`` of the layers added (``stats``: per-receiver statistics kept
+        instead of maps, ``run_mixing_maps(keep="stats")``)."""
         plan = self.plan
         stacked_norms = torch.stack(self.norms) if self.norms else None
         names = [s.name for s in plan.scopes]
         has_alti = any(s is Stage.ALTI for s in plan.stages.values())
-        lazy_routes = Routes(self.routes, mask, alti_floor, plan.alti_eps) if self.routes else None
+        lazy_routes = (
+            Routes(self.routes, mask, plan.alti_floor, plan.alti_eps) if self.routes else None
+        )
         with_heads = tuple(s.name for s in plan.scopes if s.has_heads) if self.keep_heads else ()
         return MixingMaps(
             layers=layers,
@@ -432,6 +441,7 @@ class MapsBuilder:
             causal=adapter.spec.causal,
             verification=self.checked,
             residual_share=ResidualShare(lazy_routes) if has_alti and lazy_routes else {},
+            stats=stats or {},
         )
 
 
@@ -453,99 +463,6 @@ def _read(
             f"{err} Layer {layer} of {adapter.spec.model_name} needs them. Re-run the model "
             f"with model.run_with_cache(tokens, {call}) (import tl_normmix as nm).",
         ) from None
-
-
-class HeadMaps(Mapping[str, Tensor]):
-    """Per-head maps ``[layer, batch, head, query, key]``, built on first access.
-
-    They are kept as their factors — the (masked) cached patterns and the value norms — because
-    per-head maps are the largest outputs: ``attn_w`` is ``α^h_ij``, ``attn_n`` is
-    ``α^h_ij ‖f^h(x_j)‖`` (METHODS §1).
-    """
-
-    def __init__(
-        self,
-        scopes: tuple[str, ...],
-        patterns: list[Tensor],
-        value_norms: Tensor | None,
-        routes: Routes | None = None,
-    ) -> None:
-        self._scopes = scopes
-        self._patterns = patterns
-        self._value_norms = value_norms
-        self._routes = routes
-        self._built: dict[str, Tensor] = {}
-
-    def __getitem__(self, scope: str) -> Tensor:
-        if scope not in self._scopes:
-            raise KeyError(
-                f"No per-head map for {scope!r}; per-head maps computed: {list(self._scopes)}."
-            )
-        if scope == "alti":
-            assert self._routes is not None
-            return self._routes.parts()[0]
-        if scope not in self._built:
-            pattern = torch.stack(self._patterns)
-            if scope == "attn_n":
-                assert self._value_norms is not None
-                pattern = attention.per_head_norms(
-                    pattern.flatten(0, 1), self._value_norms.flatten(0, 1)
-                ).unflatten(0, pattern.shape[:2])
-            self._built[scope] = pattern
-        return self._built[scope]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._scopes)
-
-    def __len__(self) -> int:
-        return len(self._scopes)
-
-
-class Routes:
-    """ALTI per (head, source) with the residual as its own part (information-flow routes,
-    METHODS §4), for every computed layer: ``N²·H·d`` work per layer, so built on first access."""
-
-    def __init__(
-        self,
-        inputs: list[Callable[[], alti.AltiInputs]],
-        mask: Tensor,
-        floor: float,
-        eps: float = 0.0,
-    ) -> None:
-        self._inputs = inputs
-        self._mask = mask
-        self._floor = floor
-        self._eps = eps
-        self._built: tuple[Tensor, Tensor] | None = None
-
-    def parts(self) -> tuple[Tensor, Tensor]:
-        """``([layer, batch, head, query, key], [layer, batch, query])``: the heads' and the
-        residual's shares."""
-        if self._built is None:
-            layers = [
-                alti.alti_routes(rebuild(), self._mask, self._floor, self._eps)
-                for rebuild in self._inputs
-            ]
-            self._built = (torch.stack([h for h, _ in layers]), torch.stack([r for _, r in layers]))
-        return self._built
-
-
-class ResidualShare(Mapping[str, Tensor]):
-    """``residual_share["alti"]``: the residual part's share of each receiver (lazy)."""
-
-    def __init__(self, routes: Routes) -> None:
-        self._routes = routes
-
-    def __getitem__(self, scope: str) -> Tensor:
-        if scope != "alti":
-            raise KeyError(f"A residual share exists for 'alti' only, not {scope!r}.")
-        return self._routes.parts()[1]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(("alti",))
-
-    def __len__(self) -> int:
-        return 1
 
 
 def _roles(scopes: Iterable[Scope], adapter: ModelAdapter, value_norms: bool) -> frozenset[str]:

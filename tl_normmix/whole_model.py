@@ -24,9 +24,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tl_normmix.decompose import attention
-from tl_normmix.decompose.blocks import FFModule, MLPSpec
 from tl_normmix.decompose.carried import Carried, carry_block, initial, value_parts
-from tl_normmix.decompose.whole_layer import DEFAULT_BUDGET_BYTES, FFOptions
+from tl_normmix.decompose.whole_layer import DEFAULT_BUDGET_BYTES, FFOptions, hidden_width
 from tl_normmix.maps import resolve_mask
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.checks import verify_layer
@@ -170,12 +169,7 @@ def _chunk(chunk_size: int | None, t: Any, batch: int, n: int, d: int) -> int:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
         return chunk_size
-    hidden = 0
-    if isinstance(t.mlp, MLPSpec):
-        hidden = (2 if t.mlp.gated else 1) * t.mlp.W_in.shape[1]
-    elif isinstance(t.mlp, FFModule):
-        hidden = t.mlp.width
-    per_row = 4 * batch * n * (2 * hidden + 6 * d)
+    per_row = 4 * batch * n * (2 * hidden_width(t.mlp) + 6 * d)
     return max(1, min(n, DEFAULT_BUDGET_BYTES // per_row))
 
 

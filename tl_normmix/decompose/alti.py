@@ -33,7 +33,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_normmix.decompose import attention
-from tl_normmix.decompose.residual import Request
+from tl_normmix.decompose.residual import Request, through_bias
 
 __all__ = ["AltiInputs", "alti_inputs", "alti_map", "alti_routes"]
 
@@ -80,10 +80,7 @@ def alti_inputs(
     own = attention.self_part(pattern.diagonal(dim1=-2, dim2=-1), f)
     mixed = attention.mixed_output(pattern, v, W_O)
     diag = post(pre(own) + x)
-    for norm, scale in pre.norms:
-        bias = norm.apply(bias, scale)
-    for norm, scale in post.norms:
-        bias = norm.apply(bias, scale)
+    bias = through_bias(post, through_bias(pre, bias))
     whole = post(pre(mixed - own)) + diag + bias
     kappa = pre.kappa(x) * post.kappa(x)
     return AltiInputs(pattern, g, kappa, diag, post(x), whole)

@@ -28,8 +28,8 @@ from torch import Tensor
 from tl_normmix.decompose import feedforward, generic_ff
 from tl_normmix.decompose.attention_block import norm_chain
 from tl_normmix.decompose.blocks import FFModule, LayerTensors, MLPSpec
-from tl_normmix.decompose.residual import NormChain
-from tl_normmix.decompose.whole_layer import FFOptions, points_for, through_bias
+from tl_normmix.decompose.residual import NormChain, through_bias
+from tl_normmix.decompose.whole_layer import FFOptions, points_for
 
 __all__ = ["Carried", "carry_block", "initial", "value_parts"]
 

@@ -29,7 +29,14 @@ from torch import Tensor
 from tl_normmix.decompose import attention
 from tl_normmix.decompose.blocks import NormSpec
 
-__all__ = ["Decomposition", "NormChain", "Request", "decompose", "decomposed_norms"]
+__all__ = [
+    "Decomposition",
+    "NormChain",
+    "Request",
+    "decompose",
+    "decomposed_norms",
+    "through_bias",
+]
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,13 @@ class NormChain:
         for _, scale in self.norms:
             out = out / scale[..., 0]
         return out
+
+
+def through_bias(chain: NormChain, b: Tensor) -> Tensor:
+    """A bias term ``b`` through the chain's norms with their cached scales (``β`` included)."""
+    for norm, scale in chain.norms:
+        b = norm.apply(b, scale)
+    return b
 
 
 @dataclass(frozen=True)

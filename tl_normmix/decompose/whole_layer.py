@@ -34,7 +34,7 @@ from tl_normmix.decompose import attention, feedforward, generic_ff, residual
 from tl_normmix.decompose.activations import is_elementwise
 from tl_normmix.decompose.attention_block import norm_chain
 from tl_normmix.decompose.blocks import FFModule, LayerTensors, MLPSpec, Stage
-from tl_normmix.decompose.residual import NormChain, Request
+from tl_normmix.decompose.residual import NormChain, Request, through_bias
 
 __all__ = [
     "WHOLE_LAYER_STAGES",
@@ -42,6 +42,7 @@ __all__ = [
     "WholeLayerMaps",
     "available_bytes",
     "chunk_bytes",
+    "hidden_width",
     "points_for",
     "whole_layer_maps",
 ]
@@ -134,8 +135,8 @@ def whole_layer_maps(
     points = points_for(t, mlp, options)
     batch, pos, heads = t.v.shape[0], t.v.shape[1], t.v.shape[2]
     d = t.W_O.shape[-1]
-    hidden_width = _hidden_width(mlp)
-    chunk = _chunk_size(options.chunk_size, t, batch, pos, heads, d, hidden_width)
+    width = hidden_width(mlp)
+    chunk = _chunk_size(options.chunk_size, t, batch, pos, heads, d, width)
 
     f = attention.source_vectors(t.v, t.W_O)  # [batch, key, head, d]
     own = attention.self_part(pattern.diagonal(dim1=-2, dim2=-1), f)
@@ -324,13 +325,6 @@ def _transform(request: Request, f: Tensor) -> Tensor:
     return f if transform is None else transform(f)
 
 
-def through_bias(chain: NormChain, b: Tensor) -> Tensor:
-    """A bias term ``b`` through the chain's norms with their cached scales (``β`` included)."""
-    for norm, scale in chain.norms:
-        b = norm.apply(b, scale)
-    return b
-
-
 def _parts(
     t: LayerTensors,
     pre_names: tuple[str, ...],
@@ -401,7 +395,11 @@ def _single_stream(t: LayerTensors, pattern: Tensor, names: list[str]) -> WholeL
     )
 
 
-def _hidden_width(mlp: MLPSpec | FFModule) -> int:
+def hidden_width(mlp: MLPSpec | FFModule | None) -> int:
+    """Hidden units a token vector passes through in the feed-forward block (gated: both
+    branches; 0 without one)."""
+    if mlp is None:
+        return 0
     if isinstance(mlp, FFModule):
         return mlp.width
     return (2 if mlp.gated else 1) * mlp.W_in.shape[1]

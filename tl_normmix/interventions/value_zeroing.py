@@ -23,8 +23,10 @@ from tqdm import tqdm
 
 from tl_normmix.decompose import attention
 from tl_normmix.decompose.block_tail import block_output, parallel_branch
-from tl_normmix.decompose.blocks import FFModule, LayerTensors, MLPSpec, NormSpec
-from tl_normmix.maps import HeadMaps, MixingMaps, resolve_mask
+from tl_normmix.decompose.blocks import LayerTensors, NormSpec
+from tl_normmix.decompose.whole_layer import hidden_width
+from tl_normmix.head_maps import HeadMaps
+from tl_normmix.maps import MixingMaps, resolve_mask
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.editing import editor
@@ -147,7 +149,7 @@ def zeroing_scores(
     clean = _output(t, resid, attn, branch, final)
     f = attention.source_vectors(t.v, t.W_O)  # [batch, key, head, d]
     batch, n, d = resid.shape
-    width = d * 4 + _hidden(t)
+    width = d * 4 + hidden_width(t.mlp)
     chunk = max(1, min(n, _BUDGET_FLOATS // max(1, batch * n * width)))
     out = resid.new_zeros(batch, n, n)
     reached = (pattern != 0).any(dim=1).any(dim=0)  # [query, key]: any head, any batch row
@@ -182,12 +184,3 @@ def _output(
 ) -> Tensor:
     y = block_output(t, resid, attn, branch)
     return y if final is None else final.apply(y, final.scale_of(y))
-
-
-def _hidden(t: LayerTensors) -> int:
-    """Hidden units a token vector passes through in the feed-forward block."""
-    if isinstance(t.mlp, FFModule):
-        return t.mlp.width
-    if isinstance(t.mlp, MLPSpec):
-        return (2 if t.mlp.gated else 1) * int(t.mlp.W_in.shape[1])
-    return 0

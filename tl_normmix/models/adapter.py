@@ -340,12 +340,15 @@ class ModelAdapter:
             ) from None
         W_V = W_V.detach().float()
         kv = self.spec.block.n_kv_heads
-        b_V = getattr(attn, "b_V", None)
-        b_V = torch.zeros(W_V.shape[0], W_V.shape[-1]) if b_V is None else b_V.detach().float()
         if W_V.shape[0] != kv:  # TL 2.x expands grouped values to the query heads
-            groups = W_V.shape[0] // kv
-            W_V, b_V = W_V[::groups], b_V[::groups]
-        return W_V, b_V.to(W_V.device)
+            W_V = W_V[:: W_V.shape[0] // kv]
+        b_V = self._value_bias(layer, W_V.device)
+        if b_V is None:
+            raise UnsupportedModelError(
+                f"{self.spec.model_name}, layer {layer}: b_V is not a [kv_head, d_head] tensor; "
+                "the whole-model decomposition cannot split the values."
+            )
+        return W_V, b_V
 
     def final_norm(self) -> NormSpec | None:
         """The norm after the last block (``ln_final``), None if the model has none."""
