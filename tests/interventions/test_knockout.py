@@ -21,6 +21,7 @@ from tiny_models import TL_MAJOR, Case, build, drops_causal_mask, tokens
 
 import tl_normmix as nm
 from tl_normmix.models.editing import editor
+from tl_normmix.models.prefix import Prefixes
 
 N = 6
 
@@ -207,6 +208,27 @@ def test_padded_equals_unpadded(model):
     ko = nm.knock_out(model, padded, E, last_real, attention_mask=mask)
     alone = nm.knock_out(model, short, E, metric)
     torch.testing.assert_close(ko.effect[:, 1], alone.effect[:, 0], atol=_atol(ko.clean), rtol=1e-4)
+
+
+#: Causal families whose TransformerLens cache does not reproduce the full forward (MPT's bridge
+#: ignores the cache; OpenAI-GPT's has none): knock_out runs them in full.
+NO_SHORTCUT = {"mpt", "openai_gpt"}
+
+
+@pytest.mark.parametrize("mode", ["remove", "renormalize", "patch", "mean"])
+def test_the_causal_shortcut_equals_full_forwards(case, model, mode, monkeypatch):
+    """Edits from receiver p on re-run only positions p… from the clean keys and values."""
+    toks, source = tokens(2, N, seed=8), tokens(2, N, seed=9)
+    E = nm.edges(heads="each", receivers=[-1, 3], sources=[0, 2, 3])
+    short = nm.knock_out(model, toks, E, metric, mode, source_tokens=source)
+    causal = editor(model).adapter.spec.causal
+    assert short.shortcut == (causal and case.family not in NO_SHORTCUT)
+    monkeypatch.setattr(Prefixes, "of", classmethod(lambda cls, *args: None))
+    full = nm.knock_out(model, toks, E, metric, mode, source_tokens=source)
+    assert not full.shortcut
+    atol = _atol(full.clean)
+    torch.testing.assert_close(short.effect, full.effect, atol=atol, rtol=1e-4, equal_nan=True)
+    assert short.effect.isfinite().any()
 
 
 def test_as_maps_places_each_effect_in_its_cell(model):

@@ -14,10 +14,14 @@ mean        ``attn_i += mean_ref p_e − p_e``           mean ablation over the 
 =========== ========================================== ==========================================
 
 Every batch row of a forward carries its own edit (``k`` edits × the ``B`` rows of ``tokens``
-per forward, up to ``batch_size`` rows); a forward of edits in layer ``l`` starts at ``l`` from the
-clean residual where that reproduces the full forward on the run at hand, else runs in full. The
-metric sees each edit's ``B`` rows in the order of ``tokens``. Effects do not add up across heads
-or edges: they are not a decomposition.
+per forward, up to ``batch_size`` rows). In a causal model an edit of receiver ``i`` changes
+nothing before ``i``: edits whose receivers all lie at or after ``p`` (any layers) share a forward
+of positions ``p…`` only, reading the clean keys and values of the earlier positions
+(``models.prefix``; ``KnockOut.shortcut``) — about ``N/(N − p)`` times less work. Elsewhere (BERT,
+a model whose cache does not reproduce the full forward on the run at hand) a forward of edits in
+layer ``l`` starts at ``l`` from the clean residual where that is exact, else runs in full. The
+metric sees each edit's ``B`` rows in the order of ``tokens``, with all positions (the clean ones
+before ``p``). Effects do not add up across heads or edges: they are not a decomposition.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import Tensor
 from tl_normmix.interventions.edges import Edge, EdgeSet
 from tl_normmix.maps import MixingMaps
 from tl_normmix.models.editing import Editor, editor, reads_hidden
+from tl_normmix.models.prefix import Prefix, Prefixes
 
 __all__ = ["MODES", "KnockOut", "RunInputs", "knock_out", "prepare"]
 
@@ -63,6 +68,7 @@ class KnockOut:
     causal: bool
     str_tokens: list[list[str]] | None = field(default=None, repr=False)
     tokens: Tensor | None = field(default=None, repr=False)
+    shortcut: bool = False  # some forwards ran only the positions from the receivers on
 
     def as_maps(self) -> MixingMaps:
         """The effects as ``MixingMaps`` with scope ``"effect"``: ``maps["effect"]``
@@ -213,45 +219,40 @@ def knock_out(
     source = _source_terms(ed, mode, source_tokens, inputs, layers)
     rows = resolve_rows(edges, inputs.mask, spec.causal)
     batch = inputs.tokens.shape[0]
-    per_forward = max(1, (batch_size or _default_rows(ed, pos)) // batch)
-    resid = {layer: inputs.cache[ed.resid_pre(layer)] for layer in layers}
-    start = ed.start_is_exact(inputs.tokens, attention_mask, resid, inputs.clean_out)
-    effect = torch.full((len(edges), batch), float("nan"))
-    n_forwards = 1
     hidden = reads_hidden(metric)
-    for layer in layers:
-        indices = [k for k, e in enumerate(edges) if e.layer == layer]
+    effect = torch.full((len(edges), batch), float("nan"))
+    runner = _Runner(ed, mode, inputs, source, edges, rows, metric, effect)
+    prefixes = Prefixes.of(ed, inputs.tokens, attention_mask, inputs.clean_out, hidden)
+    full_path: list[int] = []
+    # Causal models: edits whose receivers all lie at or after p re-run only positions p… from
+    # the clean keys and values of the earlier ones (models.prefix), many layers per forward.
+    for p, indices in _by_first_receiver(rows):
+        prefix = prefixes.build(p) if prefixes is not None else None
+        if prefix is None:
+            full_path.extend(indices)
+            continue
+        runner.shortcut = True
+        per_forward = max(1, (batch_size or _default_rows(ed, pos, pos - p)) // batch)
         for first in range(0, len(indices), per_forward):
-            chunk = indices[first : first + per_forward]
-            hook = _EditHook(
-                ed, mode, inputs, source, layer, [edges[k] for k in chunk], [rows[k] for k in chunk]
-            )
-            repeat = len(chunk)
-            kwargs: dict[str, Any] = {}
-            if start and layer > 0:
-                kwargs = {"start_at_layer": layer, "resid": resid[layer].repeat(repeat, 1, 1)}
-            mask = inputs.attention_mask
-            with torch.no_grad():
-                out = ed.run(
-                    inputs.tokens.repeat(repeat, 1),
-                    [(ed.z(layer), hook.edit)],
-                    attention_mask=mask.repeat(repeat, 1) if mask is not None else None,
-                    hidden=hidden,
-                    **kwargs,
-                )
-            n_forwards += 1
-            for slot, k in enumerate(chunk):
-                value = metric(out[slot * batch : (slot + 1) * batch]).detach().float()
-                diff = value.cpu() - inputs.clean_metric.cpu()
-                valid = torch.zeros(batch, dtype=torch.bool)
-                valid[list(hook.valid[slot])] = True
-                effect[k] = torch.where(valid, diff, torch.full_like(diff, float("nan")))
+            runner.run_suffix(prefix, indices[first : first + per_forward])
+        del prefix
+    # Everything else: a forward per chunk of one layer's edits, starting at that layer from
+    # the clean residual where that reproduces the full forward on this run.
+    per_forward = max(1, (batch_size or _default_rows(ed, pos, pos)) // batch)
+    layers_left = sorted({edges[k].layer for k in full_path})
+    resid = {layer: inputs.cache[ed.resid_pre(layer)] for layer in layers_left}
+    start = ed.start_is_exact(inputs.tokens, attention_mask, resid, inputs.clean_out)
+    for layer in layers_left:
+        indices = [k for k in full_path if edges[k].layer == layer]
+        for first in range(0, len(indices), per_forward):
+            runner.run_full(indices[first : first + per_forward], resid[layer] if start else None)
     return KnockOut(
         effect=effect,
         edges=edges,
         mode=mode,
         convention=spec.convention,
-        n_forwards=n_forwards,
+        n_forwards=runner.n_forwards + (prefixes.n_forwards if prefixes is not None else 0),
+        shortcut=runner.shortcut,
         clean=inputs.clean_metric.cpu(),
         mask=inputs.mask.cpu(),
         model_name=spec.model_name,
@@ -263,10 +264,119 @@ def knock_out(
     )
 
 
-def _default_rows(ed: Editor, pos: int) -> int:
+def _default_rows(ed: Editor, pos: int, positions: int) -> int:
+    """Rows per forward that fit ``DEFAULT_BUDGET_BYTES`` when each row runs ``positions`` of
+    its ``pos`` tokens (the rest read from a copy of the clean keys and values)."""
     block = ed.adapter.spec.block
-    per_row = 4 * pos * (16 * block.d_model + 4 * block.n_heads * pos)
-    return max(1, DEFAULT_BUDGET_BYTES // per_row)
+    vocab = int(getattr(ed.model.cfg, "d_vocab", 0) or 0)
+    activations = 4 * positions * (16 * block.d_model + 4 * block.n_heads * pos + vocab)
+    past = 8 * ed.n_layers * (pos - positions) * block.n_heads * block.d_head
+    return max(1, DEFAULT_BUDGET_BYTES // (activations + past))
+
+
+def _by_first_receiver(
+    rows: Sequence[dict[int, tuple[int, int]]],
+) -> list[tuple[int, list[int]]]:
+    """Edges grouped by their earliest receiver position over the batch rows, latest first
+    (edges that exist in no row need no forward and are left out)."""
+    groups: dict[int, list[int]] = {}
+    for k, per_row in enumerate(rows):
+        if per_row:
+            groups.setdefault(min(i for i, _ in per_row.values()), []).append(k)
+    return sorted(groups.items(), reverse=True)
+
+
+class _Runner:
+    """The forwards of chunks of edits, and the effects they measure (``effect``, in place)."""
+
+    def __init__(
+        self,
+        ed: Editor,
+        mode: str,
+        inputs: RunInputs,
+        source: _Source | None,
+        edges: list[Edge],
+        rows: list[dict[int, tuple[int, int]]],
+        metric: Metric,
+        effect: Tensor,
+    ) -> None:
+        self.ed, self.mode, self.inputs, self.source = ed, mode, inputs, source
+        self.edges, self.rows, self.metric, self.effect = edges, rows, metric, effect
+        self.batch = inputs.tokens.shape[0]
+        self.hidden = reads_hidden(metric)
+        self.n_forwards = 1  # the clean run
+        self.shortcut = False
+
+    def _hooks(
+        self, chunk: Sequence[int], offset: int
+    ) -> tuple[list[tuple[str, Callable[..., Any]]], list[tuple[int, int, set[int]]]]:
+        """One ``hook_z`` edit per layer of ``chunk`` (edit ``chunk[slot]`` in rows ``slot·B…``),
+        and per edit ``(slot, edge index, rows where it exists)``."""
+        by_layer: dict[int, list[int]] = {}
+        for slot, k in enumerate(chunk):
+            by_layer.setdefault(self.edges[k].layer, []).append(slot)
+        hooks, valid = [], []
+        for layer, slots in by_layer.items():
+            hook = _EditHook(
+                self.ed,
+                self.mode,
+                self.inputs,
+                self.source,
+                layer,
+                [self.edges[chunk[slot]] for slot in slots],
+                [self.rows[chunk[slot]] for slot in slots],
+                slots=slots,
+                offset=offset,
+            )
+            hooks.append((self.ed.z(layer), hook.edit))
+            valid.extend(
+                (slot, chunk[slot], ok) for slot, ok in zip(slots, hook.valid, strict=True)
+            )
+        return hooks, valid
+
+    def _record(self, out_of: Callable[[int], Tensor], clean: Tensor, valid: list) -> None:
+        for slot, k, ok in valid:
+            value = self.metric(out_of(slot)).detach().float().cpu()
+            diff = value - clean
+            keep = torch.zeros(self.batch, dtype=torch.bool)
+            keep[list(ok)] = True
+            self.effect[k] = torch.where(keep, diff, torch.full_like(diff, float("nan")))
+
+    def run_suffix(self, prefix: Prefix, chunk: Sequence[int]) -> None:
+        """Edits whose receivers lie at or after ``prefix.p``, any layers, in one forward of
+        the positions from ``p`` on."""
+        hooks, valid = self._hooks(chunk, prefix.p)
+        with torch.no_grad():
+            out = prefix.run(len(chunk), hooks)
+            rows = slice(None)
+            clean = self.metric(prefix.baseline(rows)).detach().float().cpu()
+            batch = self.batch
+            self._record(
+                lambda s: prefix.full(out[s * batch : (s + 1) * batch], rows), clean, valid
+            )
+        self.n_forwards += 1
+
+    def run_full(self, chunk: Sequence[int], resid: Tensor | None) -> None:
+        """Edits of one layer in one full forward (from that layer's clean residual if given)."""
+        layer = self.edges[chunk[0]].layer
+        hooks, valid = self._hooks(chunk, 0)
+        inputs, repeat = self.inputs, len(chunk)
+        kwargs: dict[str, Any] = {}
+        if resid is not None and layer > 0:
+            kwargs = {"start_at_layer": layer, "resid": resid.repeat(repeat, 1, 1)}
+        mask = inputs.attention_mask
+        with torch.no_grad():
+            out = self.ed.run(
+                inputs.tokens.repeat(repeat, 1),
+                hooks,
+                attention_mask=mask.repeat(repeat, 1) if mask is not None else None,
+                hidden=self.hidden,
+                **kwargs,
+            )
+            batch = self.batch
+            clean = inputs.clean_metric.cpu()
+            self._record(lambda s: out[s * batch : (s + 1) * batch], clean, valid)
+        self.n_forwards += 1
 
 
 @dataclass
@@ -313,7 +423,8 @@ def _source_terms(
 
 
 class _EditHook:
-    """The ``hook_z`` edit of one forward: ``k`` edits × ``B`` rows."""
+    """The ``hook_z`` edit of one layer in one forward: edit ``n`` in rows ``slots[n]·B…``;
+    the hook sees positions from ``offset`` on."""
 
     def __init__(
         self,
@@ -324,6 +435,8 @@ class _EditHook:
         layer: int,
         edges: list[Edge],
         rows: list[dict[int, tuple[int, int]]],
+        slots: Sequence[int] | None = None,
+        offset: int = 0,
     ) -> None:
         batch = inputs.tokens.shape[0]
         pattern = inputs.cache[ed.pattern(layer)].float()  # [B, H, q, k]
@@ -332,7 +445,8 @@ class _EditHook:
         self.mode = mode
         self.valid: list[set[int]] = []
         entries: list[tuple[int, int, int, int, int, int | None]] = []  # row, b, i, j, slot, h
-        for slot, (edge, per_row) in enumerate(zip(edges, rows, strict=True)):
+        slots = range(len(edges)) if slots is None else slots
+        for slot, edge, per_row in zip(slots, edges, rows, strict=True):
             ok = set()
             for b, (i, j) in per_row.items():
                 if mode == "renormalize":
@@ -389,7 +503,7 @@ class _EditHook:
             self.delta = (counterfactual - term) * head_mask[..., None]
         else:
             self.delta = -self.term
-        self.rows, self.positions = self.rows.to(device), self.positions.to(device)
+        self.rows, self.positions = self.rows.to(device), (self.positions - offset).to(device)
 
     def edit(self, z: Tensor, hook: Any) -> Tensor:
         if self.rows.numel() == 0:

@@ -153,10 +153,12 @@ class Editor:
         hidden: bool = False,
         start_at_layer: int | None = None,
         resid: Tensor | None = None,
+        past: Any = None,
     ) -> Tensor:
         """One forward with ``hooks``: logits ``[batch, pos, vocab]``, or (``hidden``) the last
         block's output ``[batch, pos, d_model]``. With ``start_at_layer``, ``resid`` is the
-        residual stream entering that block (``tokens`` still give the positions and padding)."""
+        residual stream entering that block (``tokens`` still give the positions and padding).
+        ``past`` is the model's key-value cache of earlier positions (``models.prefix``)."""
         captured: dict[str, Tensor] = {}
         extra: list[Hook] = []
         if hidden:
@@ -166,6 +168,8 @@ class Editor:
 
             extra.append((self.final(), keep))
         kwargs = self.mask_kwargs(attention_mask)
+        if past is not None:
+            kwargs["past_kv_cache" if self.family == "hooked" else "past_key_values"] = past
         if start_at_layer is not None:
             assert resid is not None
             kwargs["start_at_layer"] = start_at_layer
