@@ -16,6 +16,7 @@ from conftest import assert_rel_close, read_layers
 from tiny_models import build, drops_causal_mask, run_with_cache, tokens
 
 import tl_normmix as nm
+from tl_normmix.decompose import alti
 
 
 def _globenc(model) -> bool:
@@ -40,8 +41,12 @@ def test_alti_resultant_is_the_models(model):
         assert_rel_close(parts.sum(2) + bias, y, what=f"layer {t.layer} resultant")
 
 
+@pytest.mark.parametrize("blocks", ["cache-sized", "one pair"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
-def test_fast_equals_reference(model, padded):
+def test_fast_equals_reference(model, padded, blocks, monkeypatch):
+    if blocks == "one pair":  # every block of receivers × keys is one pair: the loops' edges
+        monkeypatch.setattr(alti, "_CHUNK_FLOATS", 1)
+        monkeypatch.setattr(alti, "_BLOCK_FLOATS", 1)
     toks = tokens(2, 7, seed=3)
     mask = (
         torch.tensor([[1] * 7, [1] * 4 + [0] * 3]) if padded else torch.ones(2, 7, dtype=torch.long)
