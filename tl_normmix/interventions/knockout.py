@@ -315,7 +315,8 @@ class _Runner:
         by_layer: dict[int, list[int]] = {}
         for slot, k in enumerate(chunk):
             by_layer.setdefault(self.edges[k].layer, []).append(slot)
-        hooks, valid = [], []
+        hooks: list[tuple[str, Callable[..., Any]]] = []
+        valid: list[tuple[int, int, set[int]]] = []
         for layer, slots in by_layer.items():
             hook = _EditHook(
                 self.ed,
@@ -334,7 +335,9 @@ class _Runner:
             )
         return hooks, valid
 
-    def _record(self, out_of: Callable[[int], Tensor], clean: Tensor, valid: list) -> None:
+    def _record(
+        self, out_of: Callable[[int], Tensor], clean: Tensor, valid: list[tuple[int, int, set[int]]]
+    ) -> None:
         for slot, k, ok in valid:
             value = self.metric(out_of(slot)).detach().float().cpu()
             diff = value - clean

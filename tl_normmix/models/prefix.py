@@ -156,8 +156,8 @@ class Prefix:
                 hidden=self.owner.hidden,
                 past=self._frozen(repeat),
             )
-        mask = self.owner.mask
-        full_mask = None if mask is None else mask.repeat(repeat, 1)
+        given = self.owner.mask
+        full_mask = None if given is None else given.repeat(repeat, 1)
         with _cache_under_both_names(ed.model):
             return ed.run(
                 suffix,
