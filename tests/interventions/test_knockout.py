@@ -30,6 +30,9 @@ def metric(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1].log_softmax(-1)[:, 5]
 
 
+_METRIC = metric
+
+
 def _atol(clean: torch.Tensor) -> float:
     """Effects are differences of two metric values: float32 rounding scales with their size
     (unnormalised models reach log-probabilities of −100)."""
@@ -215,11 +218,18 @@ def test_padded_equals_unpadded(model):
 NO_SHORTCUT = {"mpt", "openai_gpt"}
 
 
+def _hidden_metric(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden[:, 2:].mean(1).norm(dim=-1)  # reads positions before and after the edits
+
+
+@pytest.mark.parametrize("reads", ["logits", "hidden"])
 @pytest.mark.parametrize("mode", ["remove", "renormalize", "patch", "mean"])
-def test_the_causal_shortcut_equals_full_forwards(case, model, mode, monkeypatch):
-    """Edits from receiver p on re-run only positions p… from the clean keys and values."""
+def test_the_causal_shortcut_equals_full_forwards(case, model, mode, reads, monkeypatch):
+    """Edits from receiver p on re-run only positions p… from the clean keys and values; the
+    metric still sees every position (the clean ones before p)."""
     toks, source = tokens(2, N, seed=8), tokens(2, N, seed=9)
     E = nm.edges(heads="each", receivers=[-1, 3], sources=[0, 2, 3])
+    metric = _METRIC if reads == "logits" else nm.on_hidden_states(_hidden_metric)
     short = nm.knock_out(model, toks, E, metric, mode, source_tokens=source)
     causal = editor(model).adapter.spec.causal
     assert short.shortcut == (causal and case.family not in NO_SHORTCUT)
