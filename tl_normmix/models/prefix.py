@@ -212,17 +212,19 @@ def _hand_over(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> An
 @contextmanager
 def _cache_under_both_names(model: Any) -> Iterator[None]:
     """The bridge's attention modules see the cache as ``past_key_values`` whatever name
-    ``transformers`` passes it under."""
-    warnings.filterwarnings(
-        "ignore", message="`past_key_values` is deprecated", category=FutureWarning
-    )
+    ``transformers`` passes it under (whose deprecation notice for the old name is silenced
+    here only)."""
     handles = [
         block.attn.register_forward_pre_hook(_hand_over, with_kwargs=True)
         for block in model.blocks
         if isinstance(getattr(block, "attn", None), torch.nn.Module)
     ]
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="`past_key_values` is deprecated", category=FutureWarning
+            )
+            yield
     finally:
         for handle in handles:
             handle.remove()
