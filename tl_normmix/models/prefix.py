@@ -43,7 +43,7 @@ TOLERANCE = 1e-4
 
 
 class Prefixes:
-    """The clean prefixes of one run (``tokens`` ``[batch, pos]``), built lazily per length ``p``
+    """The clean prefixes of one run (``tokens`` ``[batch, pos]``), built on demand per length ``p``
     and checked against the full forward's output ``clean`` (``hidden``: the last block's
     output instead of logits)."""
 
