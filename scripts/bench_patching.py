@@ -5,65 +5,62 @@ last token, metric = log p(model's top-1 next token). Every (layer, head, source
 alone:
 
 * **tl_normmix**: ``nm.knock_out(model, tokens, nm.edges(heads="each"), metric)`` — many edits
-  per forward (``--batch-size`` rows; default: a 512 MiB activation budget), each forward starting
-  at the edited layer from the clean residual where that is exact;
+  per forward (``--batch-size`` rows; default: a 512 MiB activation budget), each forward running
+  only the last position from the clean keys and values of the others (``KnockOut.shortcut``);
 * **TransformerLens**: ``transformer_lens.patching.generic_activation_patch`` with
   ``layer_head_dest_src_pos_pattern_patch_setter`` patching a zero into ``hook_pattern`` cell by
   cell (its "pattern dest-src" sweep restricted to the same cells): one forward per cell. On
   SmolLM2 (Llama bridge) the pattern hook is live, so zeroing a cell is the same intervention.
 
 Both in this process, one after the other; wall-clock time (``time.perf_counter``), the largest
-effect difference, and the peak resident memory of each (``ru_maxrss`` after resetting it via
-``/proc/self/clear_refs``).
+effect difference, and the peak memory of each above what was in use before it
+(``scripts/measure.py``: resident memory on a CPU, the device's peak allocation on CUDA).
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_patching.py [--prompt TEXT] [--batch-size N]
+    .venv/bin/python scripts/bench_patching.py --random 15 --device cuda   # a GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import time
 
 import pandas as pd
 import torch
+from measure import measure
+from random_models import random_model
 
 import tl_normmix as nm
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 
 
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        import os
-
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", default=IOI)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--random",
+        type=int,
+        metavar="N",
+        help="random weights of SmolLM2's shape and N random token ids (a GPU machine has no "
+        "packaged model)",
+    )
     args = parser.parse_args()
     from transformer_lens.patching import (
         generic_activation_patch,
         layer_head_dest_src_pos_pattern_patch_setter,
     )
 
-    model = nm.load_model("SmolLM2-135M")
-    toks = model.to_tokens(args.prompt)
+    dtype = getattr(torch, args.dtype)
+    if args.random:
+        model = random_model("smollm2", max(args.random, 64), args.device, dtype)
+        toks = torch.randint(2, 100, (1, args.random), generator=torch.Generator().manual_seed(0))
+        toks = toks.to(args.device)
+    else:
+        model = nm.load_model("SmolLM2-135M", device=args.device, dtype=dtype)
+        toks = model.to_tokens(args.prompt)
     n = toks.shape[1]
     with torch.no_grad():
         clean_logits = model(toks)
@@ -74,12 +71,12 @@ def main() -> None:
 
     nm.knock_out(model, toks, nm.edges(layers=[0], heads=[0], sources=[0]), metric)  # warm-up
 
-    reset_peak()
-    base = rss_mib()
-    start = time.perf_counter()
-    ko = nm.knock_out(model, toks, nm.edges(heads="each"), metric, batch_size=args.batch_size)
-    ours = time.perf_counter() - start
-    ours_peak = peak_mib() - base
+    ours, ours_peak, ko = measure(
+        lambda: nm.knock_out(
+            model, toks, nm.edges(heads="each"), metric, batch_size=args.batch_size
+        ),
+        args.device,
+    )
 
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
@@ -94,27 +91,27 @@ def main() -> None:
     def scalar(logits: torch.Tensor) -> torch.Tensor:
         return metric(logits)[0]
 
-    reset_peak()
-    base = rss_mib()
-    start = time.perf_counter()
-    with torch.no_grad():
-        values = generic_activation_patch(
-            model,
-            toks,
-            zero,
-            scalar,
-            layer_head_dest_src_pos_pattern_patch_setter,
-            "pattern",
-            index_df=index,
-        )
-    theirs = time.perf_counter() - start
-    theirs_peak = peak_mib() - base
+    def theirs_run() -> torch.Tensor:
+        with torch.no_grad():
+            return generic_activation_patch(
+                model,
+                toks,
+                zero,
+                scalar,
+                layer_head_dest_src_pos_pattern_patch_setter,
+                "pattern",
+                index_df=index,
+            )
+
+    theirs, theirs_peak, values = measure(theirs_run, args.device)
     tl_effect = values.flatten().cpu() - ko.clean[0]
     difference = float((tl_effect - ko.effect[:, 0]).abs().max())
     rows = args.batch_size or "default (512 MiB budget)"
     print(
-        f"SmolLM2-135M, {n} tokens, {len(ko.edges)} per-head edges ({model.cfg.n_layers} layers × "
-        f"{model.cfg.n_heads} heads × {n} sources), receiver = last token, "
+        f"SmolLM2-135M{' shape, random weights' if args.random else ''} ({args.dtype}, "
+        f"{args.device}), {n} tokens, {len(ko.edges)} per-head edges "
+        f"({model.cfg.n_layers} layers × {model.cfg.n_heads} heads × {n} sources), "
+        "receiver = last token, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print("| method | forwards | time | peak extra memory |")
