@@ -113,6 +113,30 @@ def test_half_precision_keeps_half_the_bytes(hf_root):
     torch.testing.assert_close(half["attn_n"].float(), full["attn_n"], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_lower_triangles_kept_during_the_run_give_the_dense_maps(dtype):
+    """A causal model's maps are held as lower triangles until ``build``; a map with anything
+    above its diagonal turns its scope dense (earlier layers unpacked), never a lost value."""
+    from tl_normmix.maps import LayerResult, MapsBuilder
+
+    generator = torch.Generator().manual_seed(0)
+    lower = [torch.rand(2, 5, 5, generator=generator).tril() for _ in range(3)]
+    full = torch.rand(2, 5, 5, generator=generator)  # the second scope's layer 1: not triangular
+    builder = MapsBuilder(None, 3, dtype=dtype, pack_lower=True)  # the plan is read by build only
+    for index in range(3):
+        maps = {"a": lower[index], "b": full if index == 1 else lower[index]}
+        builder.add(index, LayerResult(maps, {}, {}, None, None, None, None))
+        assert ("a" in builder.packed) and ("b" in builder.packed) == (index == 0)
+    for scope in list(builder.packed):
+        builder._unpack(scope)
+    expected_b = torch.stack([lower[0], full, lower[2]])
+    for scope, expected in (("a", torch.stack(lower)), ("b", expected_b)):
+        got = builder.outputs[scope]
+        assert got.dtype == (dtype or torch.float32)
+        torch.testing.assert_close(got, expected.to(got.dtype))
+    assert not builder.packed
+
+
 def test_bad_input_is_refused(hf_root, monkeypatch):
     model = build(Case("gpt2", "raw"), hf_root)
     n_ctx = model.cfg.n_ctx

@@ -123,7 +123,11 @@ def run_mixing_maps(
             readers.setdefault(name, []).append(layer)
     captured: dict[int, dict[str, Tensor]] = {layer: {} for layer in layer_list}
     index_of = {layer: index for index, layer in enumerate(layer_list)}
-    builder = MapsBuilder(plan, len(layer_list), dtype=dtype, keep_heads=keep_heads)
+    # a causal model's maps are kept as lower triangles while the forward pass still runs
+    pack = adapter.spec.causal and not stats
+    builder = MapsBuilder(
+        plan, len(layer_list), dtype=dtype, keep_heads=keep_heads, pack_lower=pack
+    )
     per_layer: dict[str, list[RowStatistics]] = {s.name: [] for s in plan.scopes}
     state: dict[str, Any] = {"mask": None, "done": 0}
     window = int(mixing_options.get("window", 128))

@@ -360,7 +360,14 @@ def compute_layer(
 
 
 class MapsBuilder:
-    """Collects ``LayerResult``s into one ``MixingMaps`` (preallocated: one copy of each map)."""
+    """Collects ``LayerResult``s into one ``MixingMaps`` (preallocated: one copy of each map).
+
+    ``pack_lower``: keep each layer's map as its lower triangle (diagonal included) until
+    ``build`` while the model still runs — the maps of a causal model are zero above the
+    diagonal, so this halves what the finished layers hold during the forward pass; ``build``
+    writes the dense maps layer by layer. A map with anything above its diagonal (checked by
+    counting non-zeros) is kept dense.
+    """
 
     def __init__(
         self,
@@ -369,11 +376,16 @@ class MapsBuilder:
         *,
         dtype: torch.dtype | None = None,
         keep_heads: bool = True,
+        pack_lower: bool = False,
     ) -> None:
         self.plan = plan
         self.n_layers = n_layers
         self.dtype = dtype
         self.keep_heads = keep_heads
+        self.pack_lower = pack_lower
+        self.packed: dict[str, dict[int, Tensor]] = {}
+        self._lower: Tensor | None = None  # flat indices of the lower triangle
+        self._side = 0  # of the square maps it indexes
         self.outputs: dict[str, Tensor] = {}
         self.ratios: dict[str, Tensor] = {}
         self.completeness: dict[str, Tensor] = {}
@@ -386,6 +398,12 @@ class MapsBuilder:
     def add(self, index: int, result: LayerResult, layer: int | None = None) -> None:
         n = self.n_layers
         for scope, layer_map in result.maps.items():
+            if self.pack_lower and scope not in self.outputs:
+                packed = self._pack(layer_map)
+                if packed is not None:
+                    self.packed.setdefault(scope, {})[index] = packed
+                    continue
+                self._unpack(scope)  # not triangular: this scope is kept dense from here on
             if scope not in self.outputs:
                 dtype = self.dtype or layer_map.dtype
                 self.outputs[scope] = layer_map.new_empty(n, *layer_map.shape, dtype=dtype)
@@ -419,6 +437,8 @@ class MapsBuilder:
         """The ``MixingMaps`` of the layers added (``stats``: per-receiver statistics kept
         instead of maps, ``run_mixing_maps(keep="stats")``)."""
         plan = self.plan
+        for scope in list(self.packed):
+            self._unpack(scope)
         stacked_norms = torch.stack(self.norms) if self.norms else None
         names = [s.name for s in plan.scopes]
         has_alti = any(s is Stage.ALTI for s in plan.stages.values())
@@ -443,6 +463,37 @@ class MapsBuilder:
             residual_share=ResidualShare(lazy_routes) if has_alti and lazy_routes else {},
             stats=stats or {},
         )
+
+    def _pack(self, layer_map: Tensor) -> Tensor | None:
+        """The lower triangle of ``layer_map`` ``[batch, q, k]`` (q = k), or None when it has
+        anything above the diagonal."""
+        batch, n_q, n_k = layer_map.shape
+        if n_q != n_k:
+            return None
+        if self._lower is None or self._side != n_q or self._lower.device != layer_map.device:
+            rows, cols = torch.tril_indices(n_q, n_k, device=layer_map.device)
+            self._lower, self._side = rows * n_k + cols, n_q
+        packed = layer_map.reshape(batch, n_q * n_k)[:, self._lower]
+        if int((packed != 0).sum()) != int((layer_map != 0).sum()):
+            return None
+        return packed.to(self.dtype) if self.dtype is not None else packed
+
+    def _unpack(self, scope: str) -> None:
+        """Write ``scope``'s packed layers into its dense maps, freeing each as it goes."""
+        layers = self.packed.pop(scope, {})
+        if not layers:
+            return
+        assert self._lower is not None
+        first = next(iter(layers.values()))
+        batch = first.shape[0]
+        n = self._side
+        if scope not in self.outputs:
+            self.outputs[scope] = first.new_empty(self.n_layers, batch, n, n)
+        dense = self.outputs[scope]
+        for index in sorted(layers):
+            flat = dense[index].view(batch, n * n)
+            flat.zero_()
+            flat[:, self._lower] = layers.pop(index)
 
 
 def _read(
