@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_rel_close
 from tiny_models import (
+    TL_MAJOR,
     Case,
     build,
     convention_of,
@@ -179,3 +180,18 @@ def test_mask_of_wrong_shape(model):
     _, cache = run_with_cache(model, tokens())
     with pytest.raises(ValueError, match="attention_mask has shape"):
         nm.mixing_maps(model, cache, attention_mask=torch.ones(2, 5))
+
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss"] if TL_MAJOR >= 4 else ["moe"]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_maps_keep_no_autograd_graph(family, hf_root):
+    """A model's feed-forward module (mixture of experts, run through its own forward) leaves no
+    graph on the maps: they are read, not differentiated."""
+    model = build(Case(family, "raw"), hf_root)
+    toks = tokens(2, 6)
+    _, cache = run_with_cache(model, toks, None, names_filter=nm.hook_filter(model, "layer_n"))
+    maps = nm.mixing_maps(model, cache, ("attn_n", "layer_n"))
+    assert not any(m.requires_grad for m in maps.maps.values())
+    assert not any(r.requires_grad for r in maps.ratios.values())
