@@ -224,9 +224,7 @@ def mixing_maps(
     bar = tqdm(layer_list, desc="mixing maps", unit="layer", disable=not progress)
     with torch.no_grad():  # maps are read, not differentiated (a model's FF keeps no graph)
         for index, layer in enumerate(bar):
-            result, mask = compute_layer(
-                adapter, plan, cache, layer, mask, attention_mask, tokens
-            )
+            result, mask = compute_layer(adapter, plan, cache, layer, mask, attention_mask, tokens)
             builder.add(index, result, layer)
     assert mask is not None
     return builder.build(adapter, tuple(layer_list), mask, tokens)
