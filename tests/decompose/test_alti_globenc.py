@@ -45,7 +45,6 @@ def test_alti_resultant_is_the_models(model):
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 def test_fast_equals_reference(model, padded, blocks, monkeypatch):
     if blocks == "one pair":  # every block of receivers × keys is one pair: the loops' edges
-        monkeypatch.setattr(alti, "_CHUNK_FLOATS", 1)
         monkeypatch.setattr(alti, "_BLOCK_FLOATS", 1)
     toks = tokens(2, 7, seed=3)
     mask = (

@@ -219,11 +219,11 @@ def knock_out(
     source = _source_terms(ed, mode, source_tokens, inputs, layers)
     rows = resolve_rows(edges, inputs.mask, spec.causal)
     batch = inputs.tokens.shape[0]
-    hidden = reads_hidden(metric)
     effect = torch.full((len(edges), batch), float("nan"))
     runner = _Runner(ed, mode, inputs, source, edges, rows, metric, effect)
-    prefixes = Prefixes.of(ed, inputs.tokens, attention_mask, inputs.clean_out, hidden)
+    prefixes = Prefixes.of(ed, inputs.tokens, attention_mask, inputs.clean_out, runner.hidden)
     full_path: list[int] = []
+    shortcut = False
     # Causal models: edits whose receivers all lie at or after p re-run only positions p… from
     # the clean keys and values of the earlier ones (models.prefix), many layers per forward.
     for p, indices in _by_first_receiver(rows):
@@ -231,10 +231,12 @@ def knock_out(
         if prefix is None:
             full_path.extend(indices)
             continue
-        runner.shortcut = True
+        shortcut = True
+        with torch.no_grad():  # the clean metric as the shortcut computes it, once per prefix
+            clean = metric(prefix.baseline()).detach().float().cpu()
         per_forward = max(1, (batch_size or _default_rows(ed, pos, pos - p)) // batch)
         for first in range(0, len(indices), per_forward):
-            runner.run_suffix(prefix, indices[first : first + per_forward])
+            runner.run_suffix(prefix, indices[first : first + per_forward], clean)
         del prefix
     # Everything else: a forward per chunk of one layer's edits, starting at that layer from
     # the clean residual where that reproduces the full forward on this run.
@@ -252,7 +254,7 @@ def knock_out(
         mode=mode,
         convention=spec.convention,
         n_forwards=runner.n_forwards + (prefixes.n_forwards if prefixes is not None else 0),
-        shortcut=runner.shortcut,
+        shortcut=shortcut,
         clean=inputs.clean_metric.cpu(),
         mask=inputs.mask.cpu(),
         model_name=spec.model_name,
@@ -305,7 +307,6 @@ class _Runner:
         self.batch = inputs.tokens.shape[0]
         self.hidden = reads_hidden(metric)
         self.n_forwards = 1  # the clean run
-        self.shortcut = False
 
     def _hooks(
         self, chunk: Sequence[int], offset: int
@@ -345,18 +346,14 @@ class _Runner:
             keep[list(ok)] = True
             self.effect[k] = torch.where(keep, diff, torch.full_like(diff, float("nan")))
 
-    def run_suffix(self, prefix: Prefix, chunk: Sequence[int]) -> None:
+    def run_suffix(self, prefix: Prefix, chunk: Sequence[int], clean: Tensor) -> None:
         """Edits whose receivers lie at or after ``prefix.p``, any layers, in one forward of
-        the positions from ``p`` on."""
+        the positions from ``p`` on; ``clean``: the metric of ``prefix.baseline()``."""
         hooks, valid = self._hooks(chunk, prefix.p)
+        batch = self.batch
         with torch.no_grad():
             out = prefix.run(len(chunk), hooks)
-            rows = slice(None)
-            clean = self.metric(prefix.baseline(rows)).detach().float().cpu()
-            batch = self.batch
-            self._record(
-                lambda s: prefix.full(out[s * batch : (s + 1) * batch], rows), clean, valid
-            )
+            self._record(lambda s: prefix.full(out[s * batch : (s + 1) * batch]), clean, valid)
         self.n_forwards += 1
 
     def run_full(self, chunk: Sequence[int], resid: Tensor | None) -> None:

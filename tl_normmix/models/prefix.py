@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -133,39 +133,30 @@ class Prefix:
             return torch.ones_like(tokens[:, start:stop])
         return mask[:, start:stop].to(tokens.device)
 
-    def baseline(self, rows: slice) -> Tensor:
-        """The clean output with the suffix as this shortcut computes it, rows ``rows``."""
+    def baseline(self) -> Tensor:
+        """The clean output with the suffix as this shortcut computes it."""
         assert self.clean_suffix is not None
-        return self.full(self.clean_suffix[rows], rows)
+        return self.full(self.clean_suffix)
 
-    def full(self, suffix: Tensor, rows: slice) -> Tensor:
-        """The whole output of batch rows ``rows``: the clean prefix, then ``suffix``."""
-        return torch.cat([self.owner.clean[rows, : self.p], suffix], dim=1)
+    def full(self, suffix: Tensor) -> Tensor:
+        """The whole output of the batch: the clean prefix, then ``suffix`` (positions p…)."""
+        return torch.cat([self.owner.clean[:, : self.p], suffix], dim=1)
 
     def run(self, repeat: int, hooks: Sequence[Hook]) -> Tensor:
         """Positions ``p…`` of ``repeat`` copies of the batch (slot-major, like
         ``tokens.repeat(repeat, 1)``) with ``hooks``: ``[repeat·batch, pos − p, …]``."""
         ed, tokens = self.owner.ed, self.owner.tokens
-        suffix = tokens[:, self.p :].repeat(repeat, 1)
-        if ed.family == "hooked":
-            mask = self._mask(self.p, tokens.shape[1]).repeat(repeat, 1)
-            return ed.run(
-                suffix,
-                hooks,
-                attention_mask=mask,
-                hidden=self.owner.hidden,
-                past=self._frozen(repeat),
-            )
-        given = self.owner.mask
-        full_mask = None if given is None else given.repeat(repeat, 1)
-        with _cache_under_both_names(ed.model):
-            return ed.run(
-                suffix,
-                hooks,
-                attention_mask=full_mask,
-                hidden=self.owner.hidden,
-                past=self._copy(repeat),
-            )
+        if ed.family == "hooked":  # TransformerLens 2.x: the new positions' mask only
+            mask: Tensor | None = self._mask(self.p, tokens.shape[1]).repeat(repeat, 1)
+            past = self._frozen(repeat)
+            handing_over: AbstractContextManager[object] = nullcontext()
+        else:  # the bridge: Hugging Face's mask covers the cached positions too
+            given = self.owner.mask
+            mask = None if given is None else given.repeat(repeat, 1)
+            past, handing_over = self._copy(repeat), _cache_under_both_names(ed.model)
+        with handing_over:
+            suffix = tokens[:, self.p :].repeat(repeat, 1)
+            return ed.run(suffix, hooks, attention_mask=mask, hidden=self.owner.hidden, past=past)
 
     def _frozen(self, repeat: int) -> Any:
         """TransformerLens 2.x: a frozen cache of ``repeat`` copies (reused while ``repeat``
