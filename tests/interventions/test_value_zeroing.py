@@ -5,6 +5,8 @@
 * ``value_zeroing`` equals running the model once per (layer, source) with that source's values
   zeroed in every head (``hook_v`` where TransformerLens lets the edit through, else the same
   removal on ``hook_z``) and scoring the layer's block output, with and without padding;
+* the folded tail (``PairForm``: the removal carried through the norms as an affine form) equals
+  the removal written out per pair, for arbitrary weights, and chunks of one source change nothing;
 * ``final_norm_last`` scores the last layer after the model's own final norm; bad requests are
   refused with what to do.
 """
@@ -17,7 +19,10 @@ from conftest import assert_rel_close, read_layers
 from tiny_models import Case, build, drops_causal_mask, run_with_cache, tokens
 
 import tl_normmix as nm
-from tl_normmix.decompose.block_tail import block_output, parallel_branch
+from tl_normmix.decompose import attention, block_tail
+from tl_normmix.decompose.block_tail import RemovalTail, block_output, parallel_branch
+from tl_normmix.decompose.blocks import MLPSpec
+from tl_normmix.interventions import value_zeroing as vz_module
 from tl_normmix.models.editing import editor
 
 N = 5
@@ -29,6 +34,49 @@ def test_block_tail_rebuilds_the_block_output(model):
         resid = t["resid_pre"]
         y = block_output(t, resid, t["attn_out"], parallel_branch(t, resid))
         assert_rel_close(y, t["resid_post"], what=f"layer {t.layer}")
+
+
+def test_folded_tail_equals_the_written_out_removal(model, monkeypatch):
+    """Random weights (large removals, every pair touched) through every layer's tail; the fold
+    must be the path taken wherever the block is sequential with a per-unit feed-forward block."""
+    forms = []
+    real_removal = block_tail.PairForm.removal
+    monkeypatch.setattr(
+        block_tail.PairForm,
+        "removal",
+        lambda *a: forms.append(1) or real_removal(*a),
+    )
+    _, layers = read_layers(model, tokens(2, N, seed=5))
+    generator = torch.Generator().manual_seed(0)
+    expected_folds = 0
+    for t in layers:
+        resid, attn = t["resid_pre"], t["attn_out"]
+        f = attention.source_vectors(t.v, t.W_O)
+        weights = torch.rand(2, N, N, t.block.n_heads, generator=generator)
+        branch = parallel_branch(t, resid)
+        folded = RemovalTail(t, resid, attn, f, branch)
+        written = RemovalTail(t, resid, attn, f, branch, fold=False)
+        for receivers, sources in ((slice(None), slice(None)), (slice(2, None), slice(1, 3))):
+            w = weights[:, sources, receivers]
+            assert_rel_close(
+                folded.outputs(w, receivers, sources),
+                written.outputs(w, receivers, sources),
+                what=f"layer {t.layer}",
+            )
+        layout = t.layout
+        expected_folds += not layout.parallel and layout.has_mlp and isinstance(t.mlp, MLPSpec)
+    assert len(forms) == expected_folds
+
+
+def test_chunks_of_one_source_change_nothing(monkeypatch, hf_root):
+    toks = tokens(2, N, seed=7)
+    for case in (Case("gpt2", "raw"), Case("bert", "raw"), Case("llama", "raw")):
+        model = build(case, hf_root)
+        whole = nm.value_zeroing(model, toks)["vz"]
+        with monkeypatch.context() as m:
+            m.setattr(vz_module, "_BUDGET_FLOATS", 1)
+            single = nm.value_zeroing(model, toks)["vz"]
+        torch.testing.assert_close(single, whole, rtol=1e-5, atol=1e-6)
 
 
 def _block_output(model, toks, layer, hooks, mask):
