@@ -246,7 +246,7 @@ def ff_parts(
     ig = t.pattern.new_zeros(batch, n, n, d)
 
     def keep(start: int, stop: int, chunk: Tensor) -> None:
-        ig[:, start:stop] = chunk.transpose(1, 2)
+        ig[:, start:stop, : chunk.shape[1]] = chunk.transpose(1, 2)  # later keys: zero
 
     whole_layer_maps(t, result.pattern, mask, {}, ff_sink=keep)
     name, weight = _next_norm(adapter, layer)

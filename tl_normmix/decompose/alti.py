@@ -95,14 +95,10 @@ def _chunk(batch: int, pos: int, width: int) -> int:
 def _attended_ends(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"], eps: float
 ) -> list[int]:
-    """Per receiver, one past the last key any head of any batch row attends to (``N`` with
-    ``eps``, where no part is exactly zero): the later keys' parts are zero vectors."""
+    """``attention.attended_ends``, or ``N`` for every receiver with ``eps`` (no part is exactly
+    zero then)."""
     n = pattern.shape[-1]
-    if eps:
-        return [n] * n
-    positions = torch.arange(n, device=pattern.device)
-    attended = (pattern != 0).any(dim=1)  # [batch, q, key]
-    return (torch.where(attended, positions, -1).amax(dim=(0, 2)) + 1).tolist()
+    return [n] * n if eps else attention.attended_ends(pattern)
 
 
 def alti_map(

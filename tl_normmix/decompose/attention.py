@@ -19,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "CHUNK_SIZE",
     "SourceTerms",
+    "attended_ends",
     "chunk_rows",
     "gram_factor",
     "head_mean",
@@ -42,6 +43,14 @@ def masked_pattern(
     """Zero the rows of padded queries and the columns of padded keys (METHODS §5, padding)."""
     pair = mask[:, None, :, None] & mask[:, None, None, :]
     return pattern.masked_fill(~pair, 0.0)
+
+
+def attended_ends(pattern: Float[Tensor, "batch head_index query_pos key_pos"]) -> list[int]:
+    """Per receiver, one past the last key any head of any batch row attends to: every part of a
+    later key is a zero vector (the future, in causal models), so chunked loops can stop there."""
+    positions = torch.arange(pattern.shape[-1], device=pattern.device)
+    attended = (pattern != 0).any(dim=1)  # [batch, query, key]
+    return (torch.where(attended, positions, -1).amax(dim=(0, 2)) + 1).tolist()
 
 
 def head_mean(

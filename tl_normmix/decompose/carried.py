@@ -15,6 +15,8 @@ The stream entering a block is decomposed over the *input tokens* ``j``: ``x_i =
 Completeness holds at every block: ``Σ_j D_ij + c_i`` equals the block output the model computed.
 Cost per block ``O(N²·d² + N³·d + N²·d·d_ff)``; memory: the parts ``D`` (``N²·d``, updated in
 place, a chunk of receivers at a time), the value parts (``N²·H_kv·d_h``) and one chunk's work.
+A part whose source no path reaches (``j > i`` in causal models) is exactly zero and is never
+computed: causal models do about half the work.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from tl_normmix.decompose import feedforward, generic_ff
+from tl_normmix.decompose import attention, feedforward, generic_ff
 from tl_normmix.decompose.attention_block import norm_chain
 from tl_normmix.decompose.blocks import FFModule, LayerTensors, MLPSpec
 from tl_normmix.decompose.residual import NormChain, through_bias
@@ -37,10 +39,12 @@ __all__ = ["Carried", "carry_block", "initial", "value_parts"]
 @dataclass
 class Carried:
     """The stream as parts over input tokens: ``parts[b, i, j]`` is ``D_ij``, ``bias[b, i]``
-    is ``c_i``."""
+    is ``c_i``; ``reach[i]``: one past the last source whose part at receiver ``i`` can be
+    non-zero (``i + 1`` in causal models: the later parts are exactly zero and are skipped)."""
 
     parts: Float[Tensor, "batch pos source d_model"]
     bias: Float[Tensor, "batch pos d_model"]
+    reach: list[int]
 
     def total(self) -> Float[Tensor, "batch pos d_model"]:
         return self.parts.sum(2) + self.bias
@@ -51,7 +55,18 @@ def initial(resid: Float[Tensor, "batch pos d_model"]) -> Carried:
     batch, n, d = resid.shape
     parts = resid.new_zeros(batch, n, n, d)
     parts.diagonal(dim1=1, dim2=2).copy_(resid.transpose(1, 2))
-    return Carried(parts, resid.new_zeros(batch, n, d))
+    return Carried(parts, resid.new_zeros(batch, n, d), list(range(1, n + 1)))
+
+
+def _reach_after(
+    reach: list[int], pattern: Float[Tensor, "batch head_index query_pos key_pos"]
+) -> list[int]:
+    """A block's ``reach``: receiver ``i`` keeps its own sources and gains those of every key it
+    attends to (norms and the feed-forward block act per receiver and keep zero parts zero)."""
+    before = torch.tensor(reach, device=pattern.device)
+    attended = (pattern != 0).any(dim=1).any(dim=0)  # [query, key]
+    gained = torch.where(attended, before[None, :], 0).amax(dim=-1)
+    return torch.maximum(before, gained).tolist()
 
 
 def value_parts(
@@ -69,12 +84,15 @@ def value_parts(
     chain = norm_chain(t, t.layout.attn_in)
     batch, n = carried.parts.shape[:2]
     heads, _, d_head = W_V.shape
-    out = carried.parts.new_empty(batch, heads, n, n * d_head)
+    out = carried.parts.new_zeros(batch, heads, n, n * d_head)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        normed = _rows(chain, start, stop)(carried.parts[:, start:stop])  # [b, k, j, d]
+        hi = max(carried.reach[start:stop])  # later sources: zero parts, zero values
+        normed = _rows(chain, start, stop)(carried.parts[:, start:stop, :hi])  # [b, k, j, d]
         values = torch.einsum("bkjd,hde->bhkje", normed, W_V)
-        out[:, :, start:stop] = values.reshape(batch, heads, stop - start, n * d_head)
+        out[:, :, start:stop, : hi * d_head] = values.reshape(
+            batch, heads, stop - start, hi * d_head
+        )
     normed_bias = through_bias(chain, carried.bias)
     bias = torch.einsum("bkd,hde->bkhe", normed_bias, W_V) + b_V
     return out, bias
@@ -111,15 +129,20 @@ def carry_block(
     new_bias = carried.bias.new_empty(batch, n, d)
     mlp = t.mlp if layout.has_mlp else None
     points = points_for(t, mlp, options) if mlp is not None else None
+    reach = _reach_after(carried.reach, pattern)
+    ends = attention.attended_ends(pattern)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = slice(start, stop)
-        old, old_bias = carried.parts[:, rows], carried.bias[:, rows]
+        # sources from `hi` on have zero parts at these receivers, keys from `keys` on zero weight
+        hi, keys = max(reach[rows]), max(stop, *ends[rows])
+        old, old_bias = carried.parts[:, rows, :hi], carried.bias[:, rows]
         size = stop - start
-        alpha = grouped[:, :, :, rows].reshape(batch, kv, group * size, n)
-        mixed = torch.matmul(alpha, values)  # [b, kv, (group, chunk), (source, d_head)]
-        mixed = mixed.view(batch, kv, group, size, n, d_head).permute(0, 3, 4, 1, 2, 5)
-        attn = mixed.reshape(batch, size, n, heads * d_head) @ W_O  # [b, chunk, source, d]
+        alpha = grouped[:, :, :, rows, :keys].reshape(batch, kv, group * size, keys)
+        # [b, kv, (group, chunk), (source, d_head)]
+        mixed = torch.matmul(alpha, values[:, :, :keys, : hi * d_head])
+        mixed = mixed.view(batch, kv, group, size, hi, d_head).permute(0, 3, 4, 1, 2, 5)
+        attn = mixed.reshape(batch, size, hi, heads * d_head) @ W_O  # [b, chunk, source, d]
         del mixed
         written = _rows(pre, start, stop)(attn)
         written_bias = through_bias(_rows(pre, start, stop), attn_bias[:, rows])
@@ -142,13 +165,14 @@ def carry_block(
             stream_bias = stream_bias + through_bias(out_chain, mlp.forward(u_bias))
             del ig
         chain = _rows(post, start, stop)
-        carried.parts[:, rows] = chain(stream)
+        carried.parts[:, rows, :hi] = chain(stream)
         new_bias[:, rows] = through_bias(chain, stream_bias)
     padded = ~mask
     if bool(padded.any()):
         carried.parts[padded] = 0.0
         new_bias[padded] = 0.0
     carried.bias = new_bias
+    carried.reach = reach
     return carried
 
 

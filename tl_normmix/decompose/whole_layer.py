@@ -125,7 +125,9 @@ def whole_layer_maps(
     """Maps, ratios and completeness residuals named by ``stages`` (``FF``, ``FF_RES``, ``OUT``)
     for one layer (``pattern`` already masked). Padded cells are zero, padded tokens NaN.
     ``ff_sink(start, stop, ig)`` receives each chunk's ``IG_ij`` vectors ``[batch, key, chunk,
-    d]`` (receivers ``start:stop``) for analyses that need the vectors, not only their norms."""
+    d]`` (receivers ``start:stop``) for analyses that need the vectors, not only their norms; the
+    keys are the first ones up to the last any receiver of the chunk attends to (the later keys'
+    vectors are zero)."""
     layout = t.layout
     if layout.parallel or not layout.has_mlp:
         assert set(stages.values()) <= {Stage.OUT}, "refused by scopes"
@@ -169,17 +171,20 @@ def whole_layer_maps(
     sums = {s: pattern.new_zeros(batch, pos, d) for s in kept}
     diags = {s: pattern.new_zeros(batch, pos, d) for s in kept}
 
+    ends = attention.attended_ends(pattern)
     for start in range(0, pos, chunk):
         stop = min(start + chunk, pos)
+        # keys from `hi` on are attended by no receiver of the chunk: their pair vectors are zero
+        hi = max(stop, *ends[start:stop])
         rows = torch.arange(start, stop, device=pattern.device)  # receivers i of the chunk
         cols = rows - start  # their index within the chunk
-        by_key = pattern[:, :, start:stop].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
+        by_key = pattern[:, :, start:stop, :hi].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
         need_written = need_res or need_final
         if closed is not None:
             ig, written = closed.chunk(by_key, start, stop, rows, cols, need_ff, need_written)
         else:
             assert isinstance(mlp, FFModule) and points is not None
-            u = torch.matmul(by_key, g_in) * ff_in.kappa[:, None, start:stop, None]
+            u = torch.matmul(by_key, g_in[:, :hi]) * ff_in.kappa[:, None, start:stop, None]
             u[:, rows, cols] = ff_in.diag[:, start:stop]
             ig = generic_ff.integrated_gradients(
                 mlp, u, ff_in.total[:, start:stop], ff_in.bias[:, start:stop], points
@@ -198,7 +203,7 @@ def whole_layer_maps(
         assert written is not None
         if out_norm.norms:  # the FF output's own chain, linearised at the receiver
             written = written * out_kappa[:, None, start:stop, None]
-        residual_parts = torch.matmul(by_key, g_res) * res.kappa[:, None, start:stop, None]
+        residual_parts = torch.matmul(by_key, g_res[:, :hi]) * res.kappa[:, None, start:stop, None]
         residual_parts[:, rows, cols] = res.diag[:, start:stop]
         vectors = written + residual_parts
         del residual_parts, written
@@ -268,7 +273,7 @@ class _ClosedForm:
         d_mlp = self.d_mlp
         gated = self.mlp.gated
         # u_ij W_in (, u_ij W_gate) up to the receiver's scale K_i: [batch, key, chunk, ·]
-        hidden = torch.matmul(by_key, self.first)
+        hidden = torch.matmul(by_key, self.first[:, : by_key.shape[1]])
         k = self.coefficients.rows(start, stop)
         # Off the diagonal K_i and the IG coefficients act together: one multiply.
         hidden = feedforward.ig_hidden(
@@ -302,8 +307,9 @@ def _collect(
     rows: Tensor,
     cols: Tensor,
 ) -> None:
-    """Store ``‖v_ij‖``, ``Σ_j v_ij`` and ``v_ii`` of a chunk of pair vectors ``[b, key, q, d]``."""
-    norms[:, start:stop] = vectors.norm(dim=-1).transpose(1, 2)
+    """Store ``‖v_ij‖``, ``Σ_j v_ij`` and ``v_ii`` of a chunk of pair vectors ``[b, key, q, d]``
+    (the first keys; ``norms`` of the later ones stay zero)."""
+    norms[:, start:stop, : vectors.shape[1]] = vectors.norm(dim=-1).transpose(1, 2)
     sums[:, start:stop] = vectors.sum(dim=1)
     diags[:, start:stop] = vectors[:, rows, cols]
 
