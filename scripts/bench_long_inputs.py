@@ -18,6 +18,8 @@ process, one measurement after another, after a warm-up.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_long_inputs.py --part gpt2
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_long_inputs.py --part smollm2
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_long_inputs.py --part smollm2 \
+        --scopes layer_n --layers 0 12 29      # whole-layer statistics at 8,192 tokens
 """
 
 from __future__ import annotations
@@ -108,7 +110,14 @@ def part_gpt2(lengths: list[int], device: str, dtype: torch.dtype) -> list[dict[
 _MODELS: dict[tuple[str, str], Any] = {}
 
 
-def part_long(kind: str, n: int, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
+def part_long(
+    kind: str,
+    n: int,
+    device: str,
+    dtype: torch.dtype,
+    scopes: tuple[str, ...] = SCOPES,
+    layers: list[int] | None = None,
+) -> list[dict[str, Any]]:
     if kind == "smollm2" and device == "cpu":
         model = nm.load_model("SmolLM2-135M")
         toks = ewt_tokens(model, n)
@@ -124,14 +133,16 @@ def part_long(kind: str, n: int, device: str, dtype: torch.dtype) -> list[dict[s
     warm = toks[:, :16]
     with torch.no_grad():
         model(warm, return_type=None)
-    nm.run_mixing_maps(model, warm, SCOPES, keep="stats")
+    nm.run_mixing_maps(model, warm, scopes, keep="stats", layers=layers)
     release(model)
     base_s, base_m = measure(lambda: _forward(model, toks), device)
     release(model)
     result: dict[str, Any] = {}
 
     def run() -> Any:
-        result["maps"] = nm.run_mixing_maps(model, toks, SCOPES, keep="stats", progress=True)
+        result["maps"] = nm.run_mixing_maps(
+            model, toks, scopes, keep="stats", layers=layers, progress=True
+        )
         return None
 
     run_s, run_m = measure(run, device)
@@ -140,6 +151,8 @@ def part_long(kind: str, n: int, device: str, dtype: torch.dtype) -> list[dict[s
         n=n,
         device=device,
         dtype=str(dtype),
+        scopes=",".join(scopes),
+        layers="all" if layers is None else ",".join(map(str, layers)),
         forward_s=base_s,
         forward_peak_mib=base_m,
         stats_s=run_s,
@@ -150,7 +163,7 @@ def part_long(kind: str, n: int, device: str, dtype: torch.dtype) -> list[dict[s
     maps = result["maps"]
     late = slice(n - 1024, n) if n > 1024 else slice(n // 2, n)
     reach = []
-    for scope in ("attn_w", "attn_n", "attnresln_n"):
+    for scope in [s for s in ("attn_w", "attn_n", "attnresln_n", "layer_n") if s in scopes]:
         stats = maps.stats[scope]
         for index, layer in enumerate(maps.layers):
             reach.append(
@@ -178,6 +191,8 @@ def main() -> None:
     parser.add_argument("--long-n", type=int, nargs="+", default=[8192])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--scopes", nargs="+", default=list(SCOPES), help="long parts' scopes")
+    parser.add_argument("--layers", type=int, nargs="+", help="long parts' layers (default all)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}")
@@ -187,7 +202,7 @@ def main() -> None:
         else:
             for n in args.long_n:
                 try:
-                    part_long(part, n, args.device, dtype)
+                    part_long(part, n, args.device, dtype, tuple(args.scopes), args.layers)
                 except torch.OutOfMemoryError as err:  # reported, not hidden
                     print(json.dumps({"part": part, "n": n, "out_of_memory": str(err)[:300]}))
                     torch.cuda.empty_cache() if args.device == "cuda" else None
