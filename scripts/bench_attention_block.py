@@ -138,7 +138,7 @@ def reference_maps(model: Any, cache: Any, scopes: tuple[str, ...]) -> dict[str,
     import torch
 
     import tl_normmix as nm
-    from tl_normmix.maps import _roles
+    from tl_normmix.layer_engine import roles_of as _roles
     from tl_normmix.scopes import SCOPES, resolve_scopes
 
     adapter = nm.adapt(model)

@@ -117,7 +117,7 @@ def test_half_precision_keeps_half_the_bytes(hf_root):
 def test_lower_triangles_kept_during_the_run_give_the_dense_maps(dtype):
     """A causal model's maps are held as lower triangles until ``build``; a map with anything
     above its diagonal turns its scope dense (earlier layers unpacked), never a lost value."""
-    from tl_normmix.maps import LayerResult, MapsBuilder
+    from tl_normmix.layer_engine import LayerResult, MapsBuilder
 
     generator = torch.Generator().manual_seed(0)
     lower = [torch.rand(2, 5, 5, generator=generator).tril() for _ in range(3)]

@@ -10,6 +10,7 @@
 from tl_normmix import analysis, corpus
 from tl_normmix.aggregate import rollout
 from tl_normmix.analysis import AmplifiedPair, contextualization_change, diff, ff_amplified_pairs
+from tl_normmix.cached_maps import hook_filter, mixing_maps
 from tl_normmix.forward_maps import run_mixing_maps
 from tl_normmix.interventions.agreement import Agreement, agreement
 from tl_normmix.interventions.attribution import EdgeAttribution, edge_attribution
@@ -22,7 +23,7 @@ from tl_normmix.interventions.circuits import (
 from tl_normmix.interventions.edges import Edge, EdgeSet, edges
 from tl_normmix.interventions.knockout import KnockOut, knock_out
 from tl_normmix.interventions.value_zeroing import value_zeroing
-from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
+from tl_normmix.maps import MixingMaps
 from tl_normmix.models import (
     MissingHookError,
     UnsupportedModelError,

@@ -27,7 +27,8 @@ from torch import Tensor
 from tl_normmix.decompose.attention_block import layer_maps
 from tl_normmix.decompose.blocks import MULTIPLIER, Stage
 from tl_normmix.decompose.whole_layer import whole_layer_maps
-from tl_normmix.maps import MixingMaps, resolve_mask
+from tl_normmix.layer_engine import resolve_mask
+from tl_normmix.maps import MixingMaps
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.structure import norm_spec
 from tl_normmix.scopes import SCOPES, scope_roles

@@ -22,7 +22,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tl_normmix.decompose.whole_layer import DEFAULT_BUDGET_BYTES, available_bytes
-from tl_normmix.maps import MapsBuilder, MixingMaps, compute_layer, plan_maps
+from tl_normmix.layer_engine import MapsBuilder, compute_layer, plan_maps
+from tl_normmix.maps import MixingMaps
 from tl_normmix.models.adapter import ModelAdapter, adapt
 from tl_normmix.models.editing import editor
 from tl_normmix.row_statistics import RowStatistics, row_statistics, stack_statistics

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tl_normmix.decompose import attention
 from tl_normmix.decompose.carried import Carried, carry_block, initial, value_parts
 from tl_normmix.decompose.whole_layer import DEFAULT_BUDGET_BYTES, FFOptions, hidden_width
-from tl_normmix.maps import resolve_mask
+from tl_normmix.layer_engine import resolve_mask
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.errors import MissingHookError, UnsupportedModelError

@@ -231,7 +231,7 @@ def whole_layer_maps(
     result = WholeLayerMaps({}, {}, {})
     for name, stage in stages.items():
         kept_stage = stage_of[stage]
-        result.maps[name] = norms[kept_stage]  # stages may share a tensor (copied by maps.py)
+        result.maps[name] = norms[kept_stage]  # stages may share a tensor (copied by MapsBuilder)
         result.ratios[name] = _ratio(sums[kept_stage], diags[kept_stage])
         result.completeness[name] = _residual(
             sums[kept_stage] + biases[kept_stage], targets[kept_stage]

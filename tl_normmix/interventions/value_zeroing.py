@@ -28,7 +28,8 @@ from tl_normmix.decompose.block_tail import RemovalTail, block_output, parallel_
 from tl_normmix.decompose.blocks import LayerTensors, NormSpec
 from tl_normmix.decompose.whole_layer import hidden_width
 from tl_normmix.head_maps import HeadMaps
-from tl_normmix.maps import MixingMaps, resolve_mask
+from tl_normmix.layer_engine import resolve_mask
+from tl_normmix.maps import MixingMaps
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.editing import editor

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
+from tl_normmix.cached_maps import hook_filter, mixing_maps
 from tl_normmix.interventions.agreement import agreement
 from tl_normmix.interventions.attribution import edge_attribution
 from tl_normmix.interventions.circuits import faithfulness_curve
 from tl_normmix.interventions.edges import edges
 from tl_normmix.interventions.knockout import knock_out
-from tl_normmix.maps import hook_filter, mixing_maps
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.editing import editor, on_hidden_states
 from tl_normmix.render import plots, views

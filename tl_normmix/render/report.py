@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from tl_normmix.aggregate import rollout
+from tl_normmix.cached_maps import hook_filter, mixing_maps
 from tl_normmix.decompose.blocks import Stage
 from tl_normmix.forward_maps import run_mixing_maps
 from tl_normmix.interventions.value_zeroing import value_zeroing
-from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
+from tl_normmix.maps import MixingMaps
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.errors import UnsupportedModelError
 from tl_normmix.render import plots, views
