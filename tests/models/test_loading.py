@@ -37,3 +37,30 @@ def test_packaged_models_resolve_offline():
     model = nm.load_model("all-MiniLM-L6-v2")
     assert model.cfg.model_name == "sentence-transformers/all-MiniLM-L6-v2"
     assert nm.adapt(model).spec.architecture == "BertForMaskedLM"
+
+
+@pytest.mark.skipif(TL_MAJOR >= 4, reason="TransformerLens 2.x's class choice (the TL2 run)")
+def test_hub_models_on_tl2_choose_their_class_by_architecture(monkeypatch):
+    """``HookedEncoder`` for the architecture it implements, whatever the name says."""
+    from types import SimpleNamespace
+
+    import transformer_lens as tl
+
+    architectures = {"org/encoder": "BertForMaskedLM", "org/bert-shaped-gpt": "GPT2LMHeadModel"}
+    monkeypatch.setattr(
+        tl.loading,
+        "get_pretrained_model_config",
+        lambda name: SimpleNamespace(original_architecture=architectures[name]),
+    )
+    calls = []
+    monkeypatch.setattr(
+        tl.HookedEncoder, "from_pretrained", lambda name, **kw: calls.append(("encoder", name))
+    )
+    monkeypatch.setattr(
+        tl.HookedTransformer,
+        "from_pretrained_no_processing",
+        lambda name, **kw: calls.append(("decoder", name)),
+    )
+    nm.load_model("org/encoder")
+    nm.load_model("org/bert-shaped-gpt")
+    assert calls == [("encoder", "org/encoder"), ("decoder", "org/bert-shaped-gpt")]

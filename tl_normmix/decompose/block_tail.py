@@ -94,14 +94,18 @@ class RemovalTail:
         # the form before each norm up to the feed-forward input, and at that input
         self.states: list[PairForm] = []
         form = PairForm.removal(attn, sources)
-        for k, name in enumerate((*layout.attn_out, *layout.mid, *layout.mlp_in)):
-            if k == len(layout.attn_out):
-                form = form.plus(resid)
+        for name in layout.attn_out:
             self.states.append(form)
             form = form.normed(t.norms[name])
-        self.ff_input = form if self.states[len(layout.attn_out) :] else form.plus(resid)
-        # the stream the feed-forward output joins (after `mid`): the form before this norm
+        form = form.plus(resid)
+        for name in (*layout.mid, *layout.mlp_in):
+            self.states.append(form)
+            form = form.normed(t.norms[name])
+        self.ff_input = form
+        # the stream the feed-forward output joins (after `mid`): the form before this norm,
+        # or — without norms in `mlp_in` — after the last norm of `mid`, if any
         self.stream_at = len(layout.attn_out) + len(layout.mid)
+        self.stream_after_last = not layout.mlp_in and bool(layout.mid)
 
     def outputs(
         self,
@@ -119,18 +123,18 @@ class RemovalTail:
             return block_output(t, self.resid[:, None, receivers], attn, branch)
         mlp = t.mlp
         assert isinstance(mlp, MLPSpec)
-        inverse: list[Tensor | None] = []  # 1/s of each norm, per pair
+        inverse: list[Tensor | None] = []  # 1/s of each norm, per pair (None: a fixed map)
         stream: Tensor | None = None
         for k, form in enumerate(self.states):
             norm = self.ff_input.norms[k]
             z = form.evaluate(weights, inverse, receivers, sources)
-            scale = None if norm.kind == "fixed" else norm.scale_of(z)
-            inverse.append(None if scale is None else scale.reciprocal())
+            scale = norm.scale_of(z)
+            inverse.append(None if norm.kind == "fixed" else scale.reciprocal())
             if k == self.stream_at:
                 stream = z
-            elif k + 1 == self.stream_at == len(self.states) and t.layout.mid:
-                stream = norm.apply(z, torch.ones_like(z[..., :1]) if scale is None else scale)
-        if stream is None:
+            elif k + 1 == len(self.states) and self.stream_after_last:
+                stream = norm.apply(z, scale)
+        if stream is None:  # no norm between the residual join and the feed-forward block
             stream = self.ff_input.evaluate(weights, inverse, receivers, sources)
         bias = None if mlp.bias_after_gate else mlp.b_in
         linear = self.ff_input.evaluate(weights, inverse, receivers, sources, mlp.W_in, bias)

@@ -168,6 +168,8 @@ def _gguf_as_folder(gguf: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         folder = str(gguf.parent)
         tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+        # Every architecture transformers reads from GGUF is a causal LM except T5, which
+        # TransformerLens does not run; the bridge then checks the architecture itself.
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=gguf.name, dtype=torch.float32
         )
@@ -183,6 +185,10 @@ def _gguf_as_folder(gguf: Path) -> Path:
     return target
 
 
+#: The architectures TransformerLens 2.x's ``HookedEncoder`` implements (its weight converter).
+_HOOKED_ENCODER_ARCHITECTURES = frozenset({"BertForMaskedLM"})
+
+
 def _load_hooked(name: str, *, dtype: torch.dtype, device: str | None) -> Any:
     """TransformerLens 2.x: a hub model, unprocessed (the papers' convention)."""
     import transformer_lens as tl
@@ -190,6 +196,8 @@ def _load_hooked(name: str, *, dtype: torch.dtype, device: str | None) -> Any:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device is not None:
         kwargs["device"] = device
-    if "bert" in name.lower():
+    # The model's own config (as TransformerLens reads it) says which class runs it, not its name
+    architecture = tl.loading.get_pretrained_model_config(name).original_architecture
+    if architecture in _HOOKED_ENCODER_ARCHITECTURES:
         return tl.HookedEncoder.from_pretrained(name, **kwargs)
     return tl.HookedTransformer.from_pretrained_no_processing(name, **kwargs)
