@@ -268,11 +268,12 @@ def knock_out(
 
 def _default_rows(ed: Editor, pos: int, positions: int) -> int:
     """Rows per forward that fit ``DEFAULT_BUDGET_BYTES`` when each row runs ``positions`` of
-    its ``pos`` tokens (the rest read from a copy of the clean keys and values)."""
+    its ``pos`` tokens (the rest read from a copy of the clean keys and values, which both
+    caches hold per key-value head)."""
     block = ed.adapter.spec.block
     vocab = int(getattr(ed.model.cfg, "d_vocab", 0) or 0)
     activations = 4 * positions * (16 * block.d_model + 4 * block.n_heads * pos + vocab)
-    past = 8 * ed.n_layers * (pos - positions) * block.n_heads * block.d_head
+    past = 8 * ed.n_layers * (pos - positions) * block.n_kv_heads * block.d_head  # K and V
     return max(1, DEFAULT_BUDGET_BYTES // (activations + past))
 
 
