@@ -268,12 +268,14 @@ def knock_out(
 
 def _default_rows(ed: Editor, pos: int, positions: int) -> int:
     """Rows per forward that fit ``DEFAULT_BUDGET_BYTES`` when each row runs ``positions`` of
-    its ``pos`` tokens (the rest read from a copy of the clean keys and values, which both
-    caches hold per key-value head)."""
+    its ``pos`` tokens (the rest read from a copy of the clean keys and values). The copy is
+    counted per query head although the caches hold key-value heads: what the forward holds
+    beyond this count is of that size (SmolLM2's IOI sweep counted per key-value head peaked at
+    717 MiB, 1.4× the budget; per query head at 242 MiB)."""
     block = ed.adapter.spec.block
     vocab = int(getattr(ed.model.cfg, "d_vocab", 0) or 0)
     activations = 4 * positions * (16 * block.d_model + 4 * block.n_heads * pos + vocab)
-    past = 8 * ed.n_layers * (pos - positions) * block.n_kv_heads * block.d_head  # K and V
+    past = 8 * ed.n_layers * (pos - positions) * block.n_heads * block.d_head  # K and V
     return max(1, DEFAULT_BUDGET_BYTES // (activations + past))
 
 
