@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import tiny_models
 
 import tl_normmix as nm
-from tl_normmix import layer_engine as maps_module
 from tl_normmix.decompose import whole_layer
 from tl_normmix.decompose.blocks import FFModule, Stage
+from tl_normmix.maps import engine as maps_module
 
 ATTENTION = ("attn_w", "attn_n", "attnres_w", "attnres_n", "attnresln_n")
 

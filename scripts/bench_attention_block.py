@@ -138,8 +138,8 @@ def reference_maps(model: Any, cache: Any, scopes: tuple[str, ...]) -> dict[str,
     import torch
 
     import tl_normmix as nm
-    from tl_normmix.layer_engine import roles_of as _roles
-    from tl_normmix.scopes import SCOPES, resolve_scopes
+    from tl_normmix.maps.engine import roles_of as _roles
+    from tl_normmix.maps.scopes import SCOPES, resolve_scopes
 
     adapter = nm.adapt(model)
     layout = adapter.layout

@@ -92,6 +92,7 @@ def worker(folder: str, task: str, n: int, repeats: int) -> dict:
     from transformer_lens.model_bridge import TransformerBridge
 
     import tl_normmix as nm
+    from tl_normmix import memory
     from tl_normmix.decompose import whole_layer
 
     torch.manual_seed(0)
@@ -117,7 +118,7 @@ def worker(folder: str, task: str, n: int, repeats: int) -> dict:
             peaks.append(peak)
         chunk = min(
             n,
-            whole_layer.DEFAULT_BUDGET_BYTES // whole_layer.chunk_bytes(1, n, 1, D_MODEL, D_MLP),
+            memory.budget() // whole_layer.chunk_bytes(1, n, 1, D_MODEL, D_MLP),
         )
         extra = (
             {"chunk": chunk, "matmul_gflops": matmul_gflops(n * chunk)} if task == "maps" else {}

@@ -122,9 +122,9 @@ def main() -> None:
         EWT,
         args.out,
         SCOPES,
-        batch_size=args.batch_size,
-        max_sentences=args.max_sentences,
-        restart=args.restart,
+        nm.corpus.CorpusConfig(
+            batch_size=args.batch_size, max_sentences=args.max_sentences, restart=args.restart
+        ),
     )
     assert res is not None
     seconds = time.perf_counter() - start
@@ -137,7 +137,7 @@ def main() -> None:
     print(f"Layer profiles (Vig & Belinkov)\n\n{profiles(res)}\n")
     print(f"Exemplars\n\n{exemplars(res)}\n")
     if args.report:
-        from tl_normmix.render.corpus_report import build_corpus_report
+        from tl_normmix.reports.corpus_report import build_corpus_report
 
         Path(args.report).write_text(build_corpus_report(res))
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import tl_normmix as nm
 from tl_normmix.corpus import conllu_texts
-from tl_normmix.render.patch_report import default_metric
+from tl_normmix.reports.patch_report import default_metric
 
 ROOT = Path(__file__).resolve().parent
 PROMPTS = ROOT / "data" / "patching_prompts.txt"

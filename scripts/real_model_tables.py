@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 import tl_normmix as nm
+from tl_normmix.analysis.summary import mixing_ratio_stats, sink_share
 from tl_normmix.corpus import conllu_texts
-from tl_normmix.summary import mixing_ratio_stats, sink_share
 
 SCOPES = ("attn_w", "attn_n", "attnres_w", "attnres_n", "attnresln_n")
 EWT_DEV = Path(__file__).resolve().parents[2] / "shared/data/ud/UD_English-EWT/en_ewt-ud-dev.conllu"

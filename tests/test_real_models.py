@@ -10,15 +10,16 @@ receives most attention weight yet writes vectors far smaller than other tokens'
 from __future__ import annotations
 
 import pytest
-import reference
 import test_adapter
 import test_residual
 import torch
-from conftest import EWT_DEV, assert_rel_close, ewt_sentences, read_layers
-from tiny_models import run_with_cache
+from helpers import reference
+from helpers.checks import assert_rel_close, read_layers
+from helpers.data import EWT_DEV, ewt_sentences
+from helpers.tiny_models import run_with_cache
 
 import tl_normmix as nm
-from tl_normmix.summary import mixing_ratio_stats, sink_share
+from tl_normmix.analysis.summary import mixing_ratio_stats, sink_share
 
 pytestmark = pytest.mark.real
 
@@ -209,7 +210,8 @@ def test_smollm2_default_quadrature_reaches_the_float32_floor(smollm2):
         _, cache = smollm2.run_with_cache(toks, names_filter=nm.hook_filter(smollm2, scopes))
 
     def worst(points: int | None) -> float:
-        maps = nm.mixing_maps(smollm2, cache, scopes, layers=[2], quadrature_points=points)
+        options = nm.FFOptions(quadrature_points=points)
+        maps = nm.mixing_maps(smollm2, cache, scopes, layers=[2], options=options)
         return float(maps.completeness["attnreslnff_n"].max())
 
     assert worst(16) > 1e-5 > worst(None)
@@ -252,7 +254,11 @@ def test_minilm_corpus_clark_and_kobayashi(minilm, tmp_path):
     """Measured on EWT dev + test (scripts/corpus_tables.py): [CLS] 0.43–0.50 of the weight in
     layers 1–4 but ≤ 0.05 by norm; obj, case, det heads ≥ 0.22 above the best offset."""
     res = nm.corpus.analyse(
-        minilm, EWT_DEV, tmp_path / "run", ("attn_w", "attn_n"), max_sentences=300, progress=False
+        minilm,
+        EWT_DEV,
+        tmp_path / "run",
+        ("attn_w", "attn_n"),
+        nm.corpus.CorpusConfig(max_sentences=300, progress=False),
     )
     share = res.special_share("attn_w")
     norm = res.special_share("attn_n")
@@ -274,7 +280,11 @@ def test_smollm2_corpus_first_token_by_weight_and_by_norm(smollm2, tmp_path):
     the weight (3–9, 12–29) it gets 0.25–0.46 by norm (0.82 in layer 24); in layers 0–2 and
     10–11 it gets ≤ 0.24 of the weight and slightly more by norm."""
     res = nm.corpus.analyse(
-        smollm2, EWT_DEV, tmp_path / "run", ("attn_w", "attn_n"), max_sentences=150, progress=False
+        smollm2,
+        EWT_DEV,
+        tmp_path / "run",
+        ("attn_w", "attn_n"),
+        nm.corpus.CorpusConfig(max_sentences=150, progress=False),
     )
 
     def first(scope):

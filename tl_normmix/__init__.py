@@ -7,11 +7,9 @@
 >>> nm.views.heads(maps, "attn_w", layer=0)        # CircuitsVis, offline; nm.plots: matplotlib
 """
 
-from tl_normmix import analysis, corpus
-from tl_normmix.aggregate import rollout
+from tl_normmix import analysis, corpus, memory
+from tl_normmix.aggregate import ModelDecomposition, decompose_model, rollout
 from tl_normmix.analysis import AmplifiedPair, contextualization_change, diff, ff_amplified_pairs
-from tl_normmix.cached_maps import hook_filter, mixing_maps
-from tl_normmix.forward_maps import run_mixing_maps
 from tl_normmix.interventions.agreement import Agreement, agreement
 from tl_normmix.interventions.attribution import EdgeAttribution, edge_attribution
 from tl_normmix.interventions.circuits import (
@@ -23,7 +21,18 @@ from tl_normmix.interventions.circuits import (
 from tl_normmix.interventions.edges import Edge, EdgeSet, edges
 from tl_normmix.interventions.knockout import KnockOut, knock_out
 from tl_normmix.interventions.value_zeroing import value_zeroing
-from tl_normmix.maps import MixingMaps
+from tl_normmix.maps import (
+    SCOPES,
+    AltiOptions,
+    FFOptions,
+    Method,
+    MixingMaps,
+    UnsupportedScopeError,
+    hook_filter,
+    list_scopes,
+    mixing_maps,
+    run_mixing_maps,
+)
 from tl_normmix.models import (
     MissingHookError,
     UnsupportedModelError,
@@ -33,19 +42,20 @@ from tl_normmix.models import (
     on_hidden_states,
 )
 from tl_normmix.render import plots, views
-from tl_normmix.scopes import SCOPES, UnsupportedScopeError
-from tl_normmix.whole_model import ModelDecomposition, decompose_model
 
 __all__ = [
     "SCOPES",
     "Agreement",
+    "AltiOptions",
     "AmplifiedPair",
     "Edge",
     "EdgeAttribution",
     "EdgeSet",
+    "FFOptions",
     "FaithfulnessCurve",
     "KeptCircuit",
     "KnockOut",
+    "Method",
     "MissingHookError",
     "MixingMaps",
     "ModelDecomposition",
@@ -66,7 +76,9 @@ __all__ = [
     "hook_filter",
     "keep_only",
     "knock_out",
+    "list_scopes",
     "load_model",
+    "memory",
     "mixing_maps",
     "on_hidden_states",
     "plots",

@@ -10,9 +10,11 @@ summary of attention weights and value norms. Errors print one line and exit wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,23 +78,7 @@ def _corpus_parser(commands: Any) -> None:
     run.add_argument("--conllu", required=True, nargs="+", help="CoNLL-U files, in order")
     run.add_argument("--out", required=True, help="the run directory (resumed if it exists)")
     run.add_argument("--scopes", default="attn_w,attn_n", help="comma-separated scopes")
-    run.add_argument("--batch-size", type=int, default=16)
-    run.add_argument("--chunk-size", type=int, default=256, help="sentences per committed chunk")
-    run.add_argument("--max-sentences", type=int, help="only the first N sentences")
-    run.add_argument("--engine", choices=("local", "ray"), default="local")
-    run.add_argument(
-        "--shard", help="K/N: only chunks with id %% N == K (SLURM arrays); then reduce"
-    )
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    run.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    run.add_argument("--truncate", action="store_true", help="cut sentences longer than n_ctx")
-    run.add_argument("--top-k", type=int, default=5, help="exemplar sentences kept per head")
-    run.add_argument("--restart", action="store_true", help="discard DIR's parts and start over")
-    run.add_argument("--actors", type=int, default=1, help="--engine ray: model actors")
-    run.add_argument("--cpus-per-actor", type=float, default=1)
-    run.add_argument("--gpus-per-actor", type=float, default=0)
-    run.add_argument("--address", help="--engine ray: the cluster (default: start a local one)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _config_options(run)
     status = sub.add_parser("status", help="chunks done / total, fingerprint")
     status.add_argument("dir")
     reduce = sub.add_parser("reduce", help="merge the chunks into the summary (idempotent)")
@@ -100,6 +86,35 @@ def _corpus_parser(commands: Any) -> None:
     page = sub.add_parser("report", help="the run's offline HTML report")
     page.add_argument("dir")
     page.add_argument("--out", required=True, help="the HTML file to write")
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``CorpusConfig`` field: flag, type, choices and help from the field."""
+    from tl_normmix.corpus.config import CorpusConfig
+
+    hints = typing.get_type_hints(CorpusConfig)
+    for f in dataclasses.fields(CorpusConfig):
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if hints[f.name] is bool:  # a switch that flips the default
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action="store_false" if f.default else "store_true",
+                help=help_text,
+            )
+            continue
+        kind = hints[f.name]
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=str if choices else scalar,
+            choices=choices,
+            default=f.default,
+            help=help_text,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,7 +141,7 @@ def _text(args: argparse.Namespace) -> str:
             text = handle.read()
     else:
         text = args.text
-    from tl_normmix.render.report import check_text
+    from tl_normmix.reports.io import check_text
 
     return check_text(text)
 
@@ -147,7 +162,8 @@ def _layers(args: argparse.Namespace) -> list[int] | None:
 
 def _report(args: argparse.Namespace) -> int:
     import tl_normmix as nm
-    from tl_normmix.render.report import build_report, check_output_path, tokenize, write_atomic
+    from tl_normmix.reports.io import check_output_path, tokenize, write_atomic
+    from tl_normmix.reports.report import build_report
 
     start = time.perf_counter()
     out = check_output_path(args.out)  # before any work
@@ -168,8 +184,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _patch(args: argparse.Namespace) -> int:
     import tl_normmix as nm
-    from tl_normmix.render.patch_report import build_patch_report
-    from tl_normmix.render.report import check_output_path, tokenize, write_atomic
+    from tl_normmix.reports.io import check_output_path, tokenize, write_atomic
+    from tl_normmix.reports.patch_report import build_patch_report
 
     start = time.perf_counter()
     out = check_output_path(args.out)  # before any work
@@ -212,8 +228,8 @@ def _corpus(args: argparse.Namespace) -> int:
         )
         return 0
     if args.corpus_command == "report":
-        from tl_normmix.render.corpus_report import build_corpus_report
-        from tl_normmix.render.report import check_output_path, write_atomic
+        from tl_normmix.reports.corpus_report import build_corpus_report
+        from tl_normmix.reports.io import check_output_path, write_atomic
 
         out = check_output_path(args.out)
         write_atomic(out, build_corpus_report(corpus.load(args.dir)))
@@ -221,27 +237,10 @@ def _corpus(args: argparse.Namespace) -> int:
         return 0
     start = time.perf_counter()
     scopes = _scopes(args.scopes) or []
-    result: corpus.CorpusResult | None = corpus.analyse(
-        args.model,
-        args.conllu,
-        args.out,
-        scopes,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        max_sentences=args.max_sentences,
-        engine=args.engine,
-        shard=args.shard,
-        device=args.device,
-        dtype=args.dtype,
-        truncate=args.truncate,
-        top_k=args.top_k,
-        restart=args.restart,
-        progress=not args.quiet,
-        actors=args.actors,
-        cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor,
-        address=args.address,
+    config = corpus.CorpusConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(corpus.CorpusConfig)}
     )
+    result = corpus.analyse(args.model, args.conllu, args.out, scopes, config)
     seconds = time.perf_counter() - start
     state = corpus.status(args.out)
     if result is None:
@@ -259,7 +258,7 @@ def _summary(args: argparse.Namespace) -> int:
     import torch
 
     import tl_normmix as nm
-    from tl_normmix.summary import format_table, layer_summary
+    from tl_normmix.analysis.summary import format_table, layer_summary
 
     text = _text(args)
     layers = _layers(args)

@@ -4,7 +4,7 @@ tokenizer, BOS handling on the tiny word-level tokenizer, and every failure name
 from __future__ import annotations
 
 import pytest
-from tiny_models import _word_tokenizer
+from helpers.tiny_models import _word_tokenizer
 
 from tl_normmix.corpus import AlignmentError, align, read_conllu
 

@@ -10,8 +10,8 @@ import time
 
 import pandas as pd
 import pytest
-from corpus_fixtures import write_conllu
-from tiny_models import TL_MAJOR, save_hf_folder
+from helpers.corpus_fixtures import write_conllu
+from helpers.tiny_models import TL_MAJOR, save_hf_folder
 
 import tl_normmix as nm
 from tl_normmix.cli import main
@@ -54,9 +54,7 @@ def test_an_interrupted_process_resumes_to_the_same_result(sig, hf_root, tmp_pat
         corpus,
         tmp_path / "whole",
         ("attn_w", "attn_n"),
-        chunk_size=2,
-        batch_size=2,
-        progress=False,
+        nm.corpus.CorpusConfig(chunk_size=2, batch_size=2, progress=False),
     )
     out = tmp_path / "cut"
     code = _interrupt(_command(folder, corpus, out), out, sig)

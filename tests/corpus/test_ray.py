@@ -9,8 +9,8 @@ import sys
 
 import pandas as pd
 import pytest
-from corpus_fixtures import write_conllu
-from tiny_models import TL_MAJOR, save_hf_folder
+from helpers.corpus_fixtures import write_conllu
+from helpers.tiny_models import TL_MAJOR, save_hf_folder
 
 import tl_normmix as nm
 
@@ -33,9 +33,8 @@ def test_ray_cluster_equals_the_local_engine(hf_root, tmp_path, monkeypatch):
     folder = save_hf_folder("gpt2", hf_root)
     corpus = write_conllu(tmp_path / "c.conllu", n=24)
     options = dict(chunk_size=4, batch_size=4, progress=False)
-    local = nm.corpus.analyse(
-        str(folder), corpus, tmp_path / "local", ("attn_w", "attn_n"), **options
-    )
+    config = nm.corpus.CorpusConfig(**options)
+    local = nm.corpus.analyse(str(folder), corpus, tmp_path / "local", ("attn_w", "attn_n"), config)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=1)  # logical GPUs: the scheduling path
@@ -45,12 +44,14 @@ def test_ray_cluster_equals_the_local_engine(hf_root, tmp_path, monkeypatch):
             corpus,
             tmp_path / "ray",
             ("attn_w", "attn_n"),
-            engine="ray",
-            address=cluster.address,
-            actors=2,
-            cpus_per_actor=1,
-            gpus_per_actor=1,
-            **options,
+            nm.corpus.CorpusConfig(
+                engine="ray",
+                address=cluster.address,
+                actors=2,
+                cpus_per_actor=1,
+                gpus_per_actor=1,
+                **options,
+            ),
         )
     finally:
         ray.shutdown()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from corpus_fixtures import corpus_model, write_conllu
+from helpers.corpus_fixtures import corpus_model, write_conllu
 
 import tl_normmix as nm
 from tl_normmix.corpus.chunk import ChunkAnalyser
@@ -16,6 +16,11 @@ from tl_normmix.corpus.store import Store
 
 SCOPES = ("attn_w", "attn_n", "attnres_n")
 OPTIONS = dict(chunk_size=7, batch_size=4, progress=False)
+
+
+def cfg(**changes) -> nm.corpus.CorpusConfig:
+    """The tests' run configuration with ``changes``."""
+    return nm.corpus.CorpusConfig(**{**OPTIONS, **changes})
 
 
 @pytest.fixture(params=["gpt2", "bert"])
@@ -37,10 +42,8 @@ def _equal(a: nm.corpus.CorpusResult, b: nm.corpus.CorpusResult) -> None:
 def test_batched_equals_one_by_one(family, hf_root, corpus, tmp_path):
     """Padding never enters a statistic: batch size 4 (padded) equals batch size 1."""
     model = corpus_model(family, hf_root)
-    batched = nm.corpus.analyse(model, corpus, tmp_path / "b", SCOPES, **OPTIONS)
-    single = nm.corpus.analyse(
-        model, corpus, tmp_path / "s", SCOPES, chunk_size=7, batch_size=1, progress=False
-    )
+    batched = nm.corpus.analyse(model, corpus, tmp_path / "b", SCOPES, config=cfg())
+    single = nm.corpus.analyse(model, corpus, tmp_path / "s", SCOPES, cfg(batch_size=1))
     assert batched.summary().set_index("status").sentences["analysed"] == 30
     a, b = batched.agg, single.agg
     torch.testing.assert_close(
@@ -90,13 +93,13 @@ def test_failures_are_counted_and_listed(hf_root, tmp_path):
     text += f"# text = {long_words}\n{rows}\n\n"
     text = text.replace("# text = t", "# text = x", 1)  # sentence 0: text does not match
     path.write_text(text)
-    res = nm.corpus.analyse(model, path, tmp_path / "o", ("attn_w",), **OPTIONS)
+    res = nm.corpus.analyse(model, path, tmp_path / "o", ("attn_w",), config=cfg())
     counts = res.summary().set_index("status").sentences
     assert counts.to_dict() == {"alignment_failed": 1, "analysed": 5, "too_long": 1}
     failures = res.failures()
     assert list(failures.status) == ["alignment_failed", "too_long"]
     assert failures.line.iloc[0] == 1 and "is not where the # text line" in failures.reason.iloc[0]
-    cut = nm.corpus.analyse(model, path, tmp_path / "t", ("attn_w",), truncate=True, **OPTIONS)
+    cut = nm.corpus.analyse(model, path, tmp_path / "t", ("attn_w",), config=cfg(truncate=True))
     assert cut.summary().set_index("status").sentences["truncated"] == 1
 
 
@@ -104,7 +107,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     family, hf_root, corpus, tmp_path, monkeypatch
 ):
     model = corpus_model(family, hf_root)
-    whole = nm.corpus.analyse(model, corpus, tmp_path / "whole", SCOPES, **OPTIONS)
+    whole = nm.corpus.analyse(model, corpus, tmp_path / "whole", SCOPES, config=cfg())
     out = tmp_path / "cut"
     commit = Store.commit
     calls = []
@@ -117,21 +120,21 @@ def test_an_interrupted_run_resumes_to_the_same_result(
 
     monkeypatch.setattr(Store, "commit", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        nm.corpus.analyse(model, corpus, out, SCOPES, **OPTIONS)
+        nm.corpus.analyse(model, corpus, out, SCOPES, config=cfg())
     monkeypatch.setattr(Store, "commit", commit)
     assert nm.corpus.status(out)["chunks_done"] == 2
     (out / "parts" / "agg" / ".tmp-orphan").write_bytes(b"half a file")
-    resumed = nm.corpus.analyse(model, corpus, out, SCOPES, **OPTIONS)
+    resumed = nm.corpus.analyse(model, corpus, out, SCOPES, config=cfg())
     assert nm.corpus.status(out)["orphans"] == 0
     _equal(whole, resumed)
 
 
 def test_shards_and_a_twice_committed_chunk_equal_one_run(hf_root, corpus, tmp_path):
     model = corpus_model("gpt2", hf_root)
-    whole = nm.corpus.analyse(model, corpus, tmp_path / "whole", SCOPES, **OPTIONS)
+    whole = nm.corpus.analyse(model, corpus, tmp_path / "whole", SCOPES, config=cfg())
     out = tmp_path / "sharded"
     for k in range(3):
-        result = nm.corpus.analyse(model, corpus, out, SCOPES, shard=f"{k}/3", **OPTIONS)
+        result = nm.corpus.analyse(model, corpus, out, SCOPES, config=cfg(shard=f"{k}/3"))
         assert (result is None) == (k < 2)  # the last shard finds every chunk done and reduces
     _equal(whole, nm.corpus.reduce(out))
     store = Store(out)
@@ -144,28 +147,17 @@ def test_shards_and_a_twice_committed_chunk_equal_one_run(hf_root, corpus, tmp_p
 def test_another_fingerprint_is_refused(hf_root, corpus, tmp_path):
     model = corpus_model("gpt2", hf_root)
     out = tmp_path / "o"
-    nm.corpus.analyse(model, corpus, out, ("attn_w",), max_sentences=7, **OPTIONS)
+    nm.corpus.analyse(model, corpus, out, ("attn_w",), config=cfg(max_sentences=7))
     with pytest.raises(ValueError, match="differs in: scopes"):
-        nm.corpus.analyse(model, corpus, out, ("attn_n",), max_sentences=7, **OPTIONS)
+        nm.corpus.analyse(model, corpus, out, ("attn_n",), config=cfg(max_sentences=7))
     with pytest.raises(ValueError, match="batch_size"):
-        nm.corpus.analyse(
-            model,
-            corpus,
-            out,
-            ("attn_w",),
-            max_sentences=7,
-            chunk_size=7,
-            batch_size=2,
-            progress=False,
-        )
-    redone = nm.corpus.analyse(
-        model, corpus, out, ("attn_n",), max_sentences=7, restart=True, **OPTIONS
-    )
+        nm.corpus.analyse(model, corpus, out, ("attn_w",), cfg(max_sentences=7, batch_size=2))
+    redone = nm.corpus.analyse(model, corpus, out, ("attn_n",), cfg(max_sentences=7, restart=True))
     assert redone.scopes == ["attn_n"]
     with pytest.raises(ValueError, match="K/N"):
-        nm.corpus.analyse(model, corpus, out, ("attn_n",), shard="1of3", **OPTIONS)
+        cfg(shard="1of3")
     with pytest.raises(ValueError, match="model name or path"):
-        nm.corpus.analyse(model, corpus, out, ("attn_n",), engine="ray", **OPTIONS)
+        nm.corpus.analyse(model, corpus, out, ("attn_n",), config=cfg(engine="ray"))
 
 
 def test_the_weights_hash_follows_the_blocks(hf_root):

@@ -10,13 +10,13 @@ is refused with the reason on every layout that is not post-LN.
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
-from conftest import assert_rel_close, read_layers
-from tiny_models import build, drops_causal_mask, run_with_cache, tokens
+from helpers import reference
+from helpers.checks import assert_rel_close, read_layers
+from helpers.tiny_models import build, drops_causal_mask, run_with_cache, tokens
 
 import tl_normmix as nm
-from tl_normmix.decompose import alti
+from tl_normmix import memory
 
 
 def _globenc(model) -> bool:
@@ -45,7 +45,7 @@ def test_alti_resultant_is_the_models(model):
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 def test_fast_equals_reference(model, padded, blocks, monkeypatch):
     if blocks == "one pair":  # every block of receivers × keys is one pair: the loops' edges
-        monkeypatch.setattr(alti, "_BLOCK_FLOATS", 1)
+        monkeypatch.setattr(memory, "CACHE_BLOCK_BYTES", 4)  # one float
     toks = tokens(2, 7, seed=3)
     mask = (
         torch.tensor([[1] * 7, [1] * 4 + [0] * 3]) if padded else torch.ones(2, 7, dtype=torch.long)
@@ -59,7 +59,9 @@ def test_fast_equals_reference(model, padded, blocks, monkeypatch):
     real = mask.bool()
     pair = real[:, :, None] & real[:, None, :]
     _, layers = read_layers(model, toks, mask=run_mask)
-    floored = nm.mixing_maps(model, cache, "alti", attention_mask=mask, alti_floor=1e-5)
+    floored = nm.mixing_maps(
+        model, cache, "alti", attention_mask=mask, options=nm.AltiOptions(floor=1e-5)
+    )
     for index, t in enumerate(layers):
         expected = reference.alti(t, real)
         assert_rel_close(maps["alti"][index], expected, rtol=1e-4, what=f"alti {index}")
@@ -100,28 +102,28 @@ def test_globenc_refused_outside_post_ln(model):
 def test_future_tokens_get_the_floor_share(hf_root):
     """llm-transparency-tool's floor: exact zeros (future keys of a causal model) get the floor
     before normalisation, so their share is positive; without it they stay zero."""
-    from tiny_models import Case
+    from helpers.tiny_models import Case
 
     model = build(Case("gpt2", "raw"), hf_root)
     toks = tokens(1, 6)
     _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, "alti"))
     plain = nm.mixing_maps(model, cache, "alti").heads["alti"]
-    floored = nm.mixing_maps(model, cache, "alti", alti_floor=1e-5).heads["alti"]
+    floored = nm.mixing_maps(model, cache, "alti", options=nm.AltiOptions(floor=1e-5)).heads["alti"]
     future = torch.ones(6, 6, dtype=torch.bool).triu(1)
     assert (plain[..., future] == 0).all()
     assert (floored[..., future] > 0).all()
 
 
 def test_pairwise_distance_eps_reproduces_the_reference_codes(hf_root):
-    """``alti_eps=1e-6``: ``‖T − y + eps‖₁`` as ``pairwise_distance`` computes it, for the map
-    and the routes (with the tool's floor)."""
-    from tiny_models import Case
+    """``AltiOptions(eps=1e-6)``: ``‖T − y + eps‖₁`` as ``pairwise_distance`` computes it, for
+    the map and the routes (with the tool's floor)."""
+    from helpers.tiny_models import Case
 
     for family in ("gpt2", "bert"):
         model = build(Case(family, "raw"), hf_root)
         toks = tokens(1, 6)
         _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, "alti"))
-        maps = nm.mixing_maps(model, cache, "alti", alti_eps=1e-2, alti_floor=1e-5)
+        maps = nm.mixing_maps(model, cache, "alti", options=nm.AltiOptions(floor=1e-5, eps=1e-2))
         plain = nm.mixing_maps(model, cache, "alti")
         _, layers = read_layers(model, toks)
         real = torch.ones(toks.shape, dtype=torch.bool)
@@ -135,18 +137,20 @@ def test_pairwise_distance_eps_reproduces_the_reference_codes(hf_root):
 
 
 def test_value_bias_to_no_part_as_llm_transparency_tool(hf_root):
-    """``alti_value_bias="bias"``: the parts leave out ``b_V W_O`` (the tool folds value biases
-    into ``b_O``); the resultant is unchanged, so the residual share moves; without value biases
-    (Llama) nothing changes."""
-    from tiny_models import TL_MAJOR, Case
+    """``AltiOptions(value_bias="bias")``: the parts leave out ``b_V W_O`` (the tool folds value
+    biases into ``b_O``); the resultant is unchanged, so the residual share moves; without value
+    biases (Llama) nothing changes."""
+    from helpers.tiny_models import TL_MAJOR, Case
 
     families = ("gpt2", "llama_bias", "llama") if TL_MAJOR >= 4 else ("gpt2", "llama")
     for family in families:
         model = build(Case(family, "raw"), hf_root)
         toks = tokens(1, 6)
         _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, "alti"))
-        folded = nm.mixing_maps(model, cache, "alti", alti_value_bias="bias", alti_floor=1e-5)
-        plain = nm.mixing_maps(model, cache, "alti", alti_floor=1e-5)
+        folded = nm.mixing_maps(
+            model, cache, "alti", options=nm.AltiOptions(floor=1e-5, value_bias="bias")
+        )
+        plain = nm.mixing_maps(model, cache, "alti", options=nm.AltiOptions(floor=1e-5))
         _, layers = read_layers(model, toks)
         real = torch.ones(toks.shape, dtype=torch.bool)
         for index, t in enumerate(layers):
@@ -156,5 +160,5 @@ def test_value_bias_to_no_part_as_llm_transparency_tool(hf_root):
         changed = not torch.allclose(folded.heads["alti"], plain.heads["alti"], atol=1e-6)
         has_value_bias = any(bool((t.b_V != 0).any()) for t in layers)  # not TL4's tiny llama
         assert changed == has_value_bias, family
-    with pytest.raises(ValueError, match="alti_value_bias"):
-        nm.mixing_maps(model, cache, "alti", alti_value_bias="nowhere")
+    with pytest.raises(ValueError, match="value_bias"):
+        nm.mixing_maps(model, cache, "alti", options=nm.AltiOptions(value_bias="nowhere"))

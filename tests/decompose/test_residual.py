@@ -14,13 +14,13 @@ and slow. Invariants, on every family and mode of the installed TransformerLens:
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
-from conftest import assert_rel_close, read_layers
-from tiny_models import TL_MAJOR, build, drops_causal_mask, run_with_cache, runs, tokens
+from helpers import reference
+from helpers.checks import assert_rel_close, read_layers
+from helpers.tiny_models import TL_MAJOR, build, drops_causal_mask, run_with_cache, runs, tokens
 
 import tl_normmix as nm
-from tl_normmix.scopes import SCOPES, UnsupportedScopeError, stage_of
+from tl_normmix.maps import SCOPES, UnsupportedScopeError
 
 NORM_SCOPES = ("attn_n", "attnres_n", "attnresln_n")
 WHICH = {"attn_n": "attn", "attnres_n": "attn_res", "attnresln_n": "attn_res_ln"}
@@ -31,7 +31,7 @@ def _supported(model) -> list[str]:
     out = []
     for name in NORM_SCOPES:
         try:
-            stage_of(SCOPES[name], layout)
+            SCOPES[name].check_layout(layout)
         except UnsupportedScopeError:
             continue
         out.append(name)

@@ -17,15 +17,24 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import reference
 import torch
-from conftest import assert_rel_close, read_layers
-from tiny_models import TL_MAJOR, Case, build, drops_causal_mask, mlp_of, run_with_cache, tokens
+from helpers import reference
+from helpers.checks import assert_rel_close, read_layers
+from helpers.tiny_models import (
+    TL_MAJOR,
+    Case,
+    build,
+    drops_causal_mask,
+    mlp_of,
+    run_with_cache,
+    tokens,
+)
 
 import tl_normmix as nm
+from tl_normmix import memory
 from tl_normmix.decompose import whole_layer
 from tl_normmix.decompose.blocks import FFModule, Stage
-from tl_normmix.scopes import SCOPES, WHOLE_LAYER_SCOPES, UnsupportedScopeError, stage_of
+from tl_normmix.maps.scopes import SCOPES, WHOLE_LAYER_SCOPES, UnsupportedScopeError
 
 
 def _scopes(model) -> list[str]:
@@ -33,7 +42,7 @@ def _scopes(model) -> list[str]:
     out = []
     for name in WHOLE_LAYER_SCOPES:
         try:
-            stage_of(SCOPES[name], layout)
+            SCOPES[name].check_layout(layout)
         except UnsupportedScopeError:
             continue
         out.append(name)
@@ -94,7 +103,9 @@ def test_fast_equals_reference(case, model, padded):
         with pytest.raises(nm.VerificationError, match="future positions"):
             nm.mixing_maps(model, cache, scopes, attention_mask=mask)
         return
-    maps = nm.mixing_maps(model, cache, scopes, attention_mask=mask, chunk_size=3)
+    maps = nm.mixing_maps(
+        model, cache, scopes, attention_mask=mask, options=nm.FFOptions(chunk_size=3)
+    )
     real = mask.bool()
     pair = real[:, :, None] & real[:, None, :]
     _, layers = read_layers(model, toks, mask=mask.long() if padded else None)
@@ -132,7 +143,7 @@ def test_chunk_size_does_not_change_the_maps(case, model):
     _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, scopes))
     full = nm.mixing_maps(model, cache, scopes)
     for chunk in (1, 4):
-        chunked = nm.mixing_maps(model, cache, scopes, chunk_size=chunk)
+        chunked = nm.mixing_maps(model, cache, scopes, options=nm.FFOptions(chunk_size=chunk))
         for scope in scopes:
             assert_rel_close(chunked[scope], full[scope], rtol=1e-5, what=f"{scope} {chunk}")
 
@@ -160,7 +171,7 @@ def test_gated_residual_shrinks_with_quadrature_points(family, hf_root):
     model = build(Case(family, "raw"), hf_root)
     _, cache = run_with_cache(model, tokens(), names_filter=nm.hook_filter(model, "attnreslnff_n"))
     worst = [
-        nm.mixing_maps(model, cache, "attnreslnff_n", quadrature_points=p)
+        nm.mixing_maps(model, cache, "attnreslnff_n", options=nm.FFOptions(quadrature_points=p))
         .completeness["attnreslnff_n"]
         .max()
         .item()
@@ -193,20 +204,28 @@ def test_non_elementwise_activation_is_refused(hf_root):
 
 
 def test_chunk_that_does_not_fit_names_one_that_does(hf_root, monkeypatch):
+    """A chunk size the user chose is kept unless free memory cannot hold it: then the error
+    names the size that would fit (the memory policy, asked by the whole-layer kernel)."""
     model = build(Case("gpt2", "raw"), hf_root)
-    t, mask = _first_layer(model)
+    _, cache = run_with_cache(
+        model, tokens(2, 7), names_filter=nm.hook_filter(model, "attnreslnff_n")
+    )
+    t, _ = _first_layer(model)
     d, hidden = t.W_O.shape[-1], t.mlp.W_in.shape[1]
     per_query = whole_layer.chunk_bytes(t.batch, t.pos, 1, d, hidden)
     fixed = whole_layer.fixed_bytes(t.batch, t.pos, t.v.shape[2], d, hidden)
-    monkeypatch.setattr(whole_layer, "available_bytes", lambda device: fixed + 3 * per_query)
-    options = whole_layer.FFOptions(chunk_size=7)
+
+    def maps(chunk: int):
+        options = nm.FFOptions(chunk_size=chunk)
+        return nm.mixing_maps(model, cache, "attnreslnff_n", layers=0, options=options)
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: fixed + 3 * per_query)
     with pytest.raises(MemoryError, match=r"chunk_size=7 needs.*chunk_size=3 would fit"):
-        whole_layer.whole_layer_maps(t, t.pattern, mask, FF, options)
-    ok = whole_layer.whole_layer_maps(t, t.pattern, mask, FF, whole_layer.FFOptions(chunk_size=3))
-    assert ok.maps["attnreslnff_n"].shape == (t.batch, t.pos, t.pos)
-    monkeypatch.setattr(whole_layer, "available_bytes", lambda device: fixed // 2)
+        maps(7)
+    assert maps(3)["attnreslnff_n"].shape == (1, t.batch, t.pos, t.pos)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: fixed // 2)
     with pytest.raises(MemoryError, match="no chunk size fits"):
-        whole_layer.whole_layer_maps(t, t.pattern, mask, FF, options)
+        maps(7)
 
 
 # -- the generic path (mixture of experts, any FF module) ---------------------------------------
@@ -223,7 +242,7 @@ def test_generic_path_equals_the_closed_form(family, hf_root):
     closed = whole_layer.whole_layer_maps(t, t.pattern, mask, stages)
     module = FFModule(forward=t.mlp.forward, description="opaque", width=2 * t.mlp.W_in.shape[1])
     generic = whole_layer.whole_layer_maps(
-        dataclasses.replace(t, mlp=module), t.pattern, mask, stages, whole_layer.FFOptions(None, 3)
+        dataclasses.replace(t, mlp=module), t.pattern, mask, stages, chunk=3
     )
     for name in stages:
         assert_rel_close(generic.maps[name], closed.maps[name], rtol=1e-5, what=name)

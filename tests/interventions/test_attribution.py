@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny_models import Case, build, run_with_cache, tokens
 from test_knockout import N, _live, metric
-from tiny_models import Case, build, run_with_cache, tokens
 
 import tl_normmix as nm
-from tl_normmix.analysis import spearman
+from tl_normmix.analysis.ranks import spearman
 from tl_normmix.models.editing import editor
 
 
@@ -75,7 +75,7 @@ def test_agreement_reports_the_spearman_it_claims(hf_root):
         assert int(overall.edges.iloc[0]) == ko.effect.numel()
         assert set(table[table.scope == scope].layer) == {"all", 0, 1}
         assert 0.0 <= float(overall.recall_at_k.iloc[0]) <= 1.0
-    assert report.plot() is not None
+    assert nm.plots.agreement(report) is not None
     with pytest.raises(KeyError, match="not in the maps"):
         nm.agreement(maps, ko, scopes=["layer_n"])
 
@@ -91,7 +91,7 @@ def test_faithfulness_curve_ends(model):
     torch.testing.assert_close(
         curve.recovered[-1][gap], torch.ones(int(gap.sum())), atol=1e-3, rtol=1e-3
     )
-    assert curve.plot() is not None
+    assert nm.plots.faithfulness([("attribution", curve)]) is not None
 
 
 def test_diff_of_two_runs(hf_root):

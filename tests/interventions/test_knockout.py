@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TL_MAJOR, Case, build, drops_causal_mask, tokens
+from helpers.tiny_models import TL_MAJOR, Case, build, drops_causal_mask, tokens
 
 import tl_normmix as nm
 from tl_normmix.models.editing import editor

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tokens
+from helpers.tiny_models import tokens
 
 import tl_normmix as nm
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_rel_close, read_layers
-from tiny_models import Case, build, drops_causal_mask, run_with_cache, tokens
+from helpers.checks import assert_rel_close, read_layers
+from helpers.tiny_models import Case, build, drops_causal_mask, run_with_cache, tokens
 
 import tl_normmix as nm
+from tl_normmix import memory
 from tl_normmix.decompose import attention, block_tail
 from tl_normmix.decompose.block_tail import RemovalTail, block_output, parallel_branch
 from tl_normmix.decompose.blocks import MLPSpec
-from tl_normmix.interventions import value_zeroing as vz_module
 from tl_normmix.models.editing import editor
 
 N = 5
@@ -74,7 +74,7 @@ def test_chunks_of_one_source_change_nothing(monkeypatch, hf_root):
         model = build(case, hf_root)
         whole = nm.value_zeroing(model, toks)["vz"]
         with monkeypatch.context() as m:
-            m.setattr(vz_module, "_BUDGET_FLOATS", 1)
+            m.setattr(memory, "CACHE_BLOCK_BYTES", 1)
             single = nm.value_zeroing(model, toks)["vz"]
         torch.testing.assert_close(single, whole, rtol=1e-5, atol=1e-6)
 

@@ -19,8 +19,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_rel_close, read_layers
-from tiny_models import (
+from helpers.checks import assert_rel_close, read_layers
+from helpers.tiny_models import (
     FAMILIES,
     REFUSED,
     TL_MAJOR,
@@ -176,7 +176,7 @@ def test_hooks_that_break_the_run_are_found_and_avoided(hf_root):
 @pytest.mark.skipif(TL_MAJOR < 4, reason="TransformerLens 4.x bridges")
 @pytest.mark.parametrize("family", REFUSED)
 def test_refusals_name_the_feature(family, hf_root):
-    from tiny_models import save_hf_folder
+    from helpers.tiny_models import save_hf_folder
     from transformer_lens.model_bridge import TransformerBridge
 
     with warnings.catch_warnings():

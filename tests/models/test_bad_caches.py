@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_rel_close
-from tiny_models import TL_MAJOR, Case, build, run_with_cache, tokens
+from helpers.checks import assert_rel_close
+from helpers.tiny_models import TL_MAJOR, Case, build, run_with_cache, tokens
 
 import tl_normmix as nm
 

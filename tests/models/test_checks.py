@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TL_MAJOR, Case, build, run_with_cache, tokens
+from helpers.tiny_models import TL_MAJOR, Case, build, run_with_cache, tokens
 
 import tl_normmix as nm
+from tl_normmix.maps import SCOPES, UnsupportedScopeError
 from tl_normmix.models.checks import tolerance
-from tl_normmix.scopes import SCOPES, UnsupportedScopeError, stage_of
 
 
 def _all_scopes(model) -> list[str]:
@@ -24,7 +24,7 @@ def _all_scopes(model) -> list[str]:
     out = []
     for scope in SCOPES.values():
         try:
-            stage_of(scope, layout)
+            scope.check_layout(layout)
         except UnsupportedScopeError:
             continue
         out.append(scope.name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TL_MAJOR, save_hf_folder
+from helpers.tiny_models import TL_MAJOR, save_hf_folder
 
 import tl_normmix as nm
 

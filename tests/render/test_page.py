@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from handmade_maps import handmade
+from helpers.handmade_maps import handmade
 
 from tl_normmix.render import page, plots, views
 from tl_normmix.render.page import Block, Row

@@ -7,11 +7,11 @@ import base64
 import matplotlib
 import pytest
 import torch
-from handmade_maps import handmade
+from helpers.handmade_maps import handmade
 
-from tl_normmix.analysis import contextualization_change
+from tl_normmix.analysis.summary import mixing_ratio_stats, sink_share
+from tl_normmix.analysis.whole_layer import contextualization_change
 from tl_normmix.render import plots
-from tl_normmix.summary import mixing_ratio_stats, sink_share
 
 matplotlib.use("Agg")
 

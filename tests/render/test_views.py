@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from handmade_maps import handmade
+from helpers.handmade_maps import handmade
 
 from tl_normmix.render import views
 
@@ -129,7 +129,7 @@ def test_methods_view_shows_each_row_as_shares():
 
 
 def test_routes_view_sums_heads_and_labels_the_residual(hf_root):
-    import tiny_models
+    from helpers import tiny_models
 
     import tl_normmix as nm
 

@@ -11,6 +11,7 @@ of one sentence) → ``chunk`` (a chunk on a model) → ``plan`` / ``store`` / `
 
 from tl_normmix.corpus.alignment import Aligned, AlignmentError, align
 from tl_normmix.corpus.analyse import analyse, status
+from tl_normmix.corpus.config import CorpusConfig
 from tl_normmix.corpus.conllu import CorpusFormatError, Sentence, conllu_texts, read_conllu
 from tl_normmix.corpus.reduce import reduce
 from tl_normmix.corpus.results import CorpusResult, load
@@ -18,6 +19,7 @@ from tl_normmix.corpus.results import CorpusResult, load
 __all__ = [
     "Aligned",
     "AlignmentError",
+    "CorpusConfig",
     "CorpusFormatError",
     "CorpusResult",
     "Sentence",

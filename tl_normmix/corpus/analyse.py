@@ -16,108 +16,105 @@ from pathlib import Path
 from typing import Any
 
 from tl_normmix.corpus.chunk import ChunkAnalyser, ModelSpec
+from tl_normmix.corpus.config import CorpusConfig
 from tl_normmix.corpus.engines import run_local, run_ray
-from tl_normmix.corpus.plan import fingerprint, make_plan, mismatch
+from tl_normmix.corpus.plan import Plan, fingerprint, make_plan, mismatch
 from tl_normmix.corpus.reduce import reduce
 from tl_normmix.corpus.results import CorpusResult
 from tl_normmix.corpus.store import Store, Tables
 
-__all__ = ["analyse", "parse_shard", "status"]
+__all__ = ["analyse", "status"]
 
-
-def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """``"K/N"`` → ``(K, N)`` with ``0 ≤ K < N``."""
-    if shard is None:
-        return None
-    if isinstance(shard, str):
-        try:
-            k, n = (int(x) for x in shard.split("/"))
-        except ValueError:
-            raise ValueError(f"--shard {shard!r}: expected K/N, e.g. 0/4.") from None
-    else:
-        k, n = shard
-    if not 0 <= k < n:
-        raise ValueError(f"--shard {k}/{n}: K must be in 0…N-1.")
-    return k, n
+Files = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 def analyse(
     model_or_name: Any,
-    conllu_files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    conllu_files: Files,
     out: str | os.PathLike[str],
     scopes: Sequence[str] = ("attn_w", "attn_n"),
-    *,
-    batch_size: int = 16,
-    chunk_size: int = 256,
-    max_sentences: int | None = None,
-    engine: str = "local",
-    shard: str | tuple[int, int] | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    truncate: bool = False,
-    top_k: int = 5,
-    restart: bool = False,
-    progress: bool = True,
-    actors: int = 1,
-    cpus_per_actor: float = 1,
-    gpus_per_actor: float = 0,
-    address: str | None = None,
+    config: CorpusConfig | None = None,
 ) -> CorpusResult | None:
-    """Run the corpus statistics of METHODS §6 over ``conllu_files`` into ``out``.
+    """Run the corpus statistics (docs: guides, corpus analyses) over ``conllu_files`` into
+    ``out``.
 
     ``model_or_name`` is a live model (local engine only) or a reference ``load_model`` accepts
-    (a name or a path: what workers and shards build their model from). Returns the reduced
-    ``CorpusResult`` once every chunk is done, else None (other shards still to run).
-    ``restart`` deletes the run's parts first; otherwise a run resumes when its fingerprint
-    matches the manifest and is refused when it does not.
+    (a name or a path: what workers and shards build their model from); ``config`` how the run
+    is computed (``CorpusConfig()`` by default). Returns the reduced ``CorpusResult`` once every
+    chunk is done, else None (other shards still to run). ``config.restart`` deletes the run's
+    parts first; otherwise a run resumes when its fingerprint matches the manifest and is
+    refused when it does not.
     """
-    if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}.")
-    files: list[str | os.PathLike[str]] = (
-        [conllu_files] if isinstance(conllu_files, (str, os.PathLike)) else list(conllu_files)
-    )
-    shard_kn = parse_shard(shard)
-    if batch_size < 1 or top_k < 1:
-        raise ValueError("batch_size and top_k must be ≥ 1.")
-    plan = make_plan(files, chunk_size, max_sentences)  # parse errors before any work
-    if isinstance(model_or_name, (str, os.PathLike)):
-        built = ModelSpec(str(model_or_name), device, dtype)
-        spec: ModelSpec | None = built
-        model = built.build()
-        model_ref = str(model_or_name)
-    else:
-        if engine == "ray":
-            raise ValueError(
-                "--engine ray builds the model in every worker: pass a model name or path, not "
-                "a model object (TransformerLens models do not pickle)."
-            )
-        spec, model = None, model_or_name
-        model_ref = str(getattr(model.cfg, "model_name", type(model).__name__))
-    scopes = tuple(scopes)
+    config = config or CorpusConfig()
+    files = [conllu_files] if isinstance(conllu_files, (str, os.PathLike)) else list(conllu_files)
+    plan = make_plan(files, config.chunk_size, config.max_sentences)  # parse errors first
+    spec, model, model_ref = _model(model_or_name, config)
     options: dict[str, Any] = {
-        "scopes": scopes,
-        "batch_size": batch_size,
-        "top_k": top_k,
-        "truncate": truncate,
+        "scopes": tuple(scopes),
+        "batch_size": config.batch_size,
+        "top_k": config.top_k,
+        "truncate": config.truncate,
     }
     analyser = ChunkAnalyser(model, **options)  # refuses models without a fast tokenizer
-    fp = fingerprint(
-        model,
-        model_ref,
-        plan,
-        scopes=analyser.scopes,
-        batch_size=batch_size,
-        top_k=top_k,
-        truncate=truncate,
-    )
+    store = _open(out, config, fingerprint(model, model_ref, plan, analyser.scopes, config), plan)
+    todo, bar = _todo(store, plan, config)
+
+    def commit(chunk: int, tables: Tables) -> None:
+        store.commit(chunk, tables)
+        if bar is not None:
+            bar.update(plan.chunk_sizes()[chunk])
+
+    try:
+        if config.engine == "local":
+            run_local(analyser, todo, commit)
+        else:
+            assert spec is not None
+            del analyser, model  # the workers build their own
+            run_ray(
+                spec,
+                options,
+                todo,
+                commit,
+                actors=config.actors,
+                cpus_per_actor=config.cpus_per_actor,
+                gpus_per_actor=config.gpus_per_actor,
+                address=config.address,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(store.done()) < plan.n_chunks:
+        return None
+    return reduce(store.root)
+
+
+def _model(model_or_name: Any, config: CorpusConfig) -> tuple[ModelSpec | None, Any, str]:
+    """``(spec, model, reference)``: a name or path is built from its spec (workers rebuild
+    it); a live model runs locally only."""
+    if isinstance(model_or_name, (str, os.PathLike)):
+        spec = ModelSpec(str(model_or_name), config.device, config.dtype)
+        return spec, spec.build(), str(model_or_name)
+    if config.engine == "ray":
+        raise ValueError(
+            "--engine ray builds the model in every worker: pass a model name or path, not "
+            "a model object (TransformerLens models do not pickle)."
+        )
+    model = model_or_name
+    return None, model, str(getattr(model.cfg, "model_name", type(model).__name__))
+
+
+def _open(
+    out: str | os.PathLike[str], config: CorpusConfig, fp: dict[str, Any], plan: Plan
+) -> Store:
+    """The run's store: restarted if asked, its manifest written on the first run and checked
+    against the fingerprint on every later one."""
     store = Store(out)
-    if restart and store.root.exists():
+    if config.restart and store.root.exists():
         for folder in ("parts", "summary"):
             shutil.rmtree(store.root / folder, ignore_errors=True)
         store.manifest_path.unlink(missing_ok=True)
     if store.manifest_path.exists():
-        old = store.read_manifest()["fingerprint"]
-        differ = mismatch(old, fp)
+        differ = mismatch(store.read_manifest()["fingerprint"], fp)
         if differ:
             raise ValueError(
                 f"{store.root} holds a run with another fingerprint (differs in: "
@@ -133,43 +130,25 @@ def analyse(
             }
         )
     store.sweep()
-    mine = [c for c in range(plan.n_chunks) if shard_kn is None or c % shard_kn[1] == shard_kn[0]]
+    return store
+
+
+def _todo(store: Store, plan: Plan, config: CorpusConfig) -> tuple[list[Any], Any]:
+    """This run's chunks not yet done (of its shard), and a progress bar over their
+    sentences that starts at the sentences already done."""
+    shard = config.shard_of
+    mine = [c for c in range(plan.n_chunks) if shard is None or c % shard[1] == shard[0]]
     done = store.done()
     todo = [(c, plan.chunk(c)) for c in mine if c not in done]
     sizes = plan.chunk_sizes()
-    bar = _bar(
-        progress,
-        total=sum(sizes[c] for c in mine),
-        initial=sum(sizes[c] for c in mine if c in done),
-    )
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
 
-    def commit(chunk: int, tables: Tables) -> None:
-        store.commit(chunk, tables)
-        if bar is not None:
-            bar.update(sizes[chunk])
-
-    try:
-        if engine == "local":
-            run_local(analyser, todo, commit)
-        else:
-            assert spec is not None
-            del analyser, model  # the workers build their own
-            run_ray(
-                spec,
-                options,
-                todo,
-                commit,
-                actors=actors,
-                cpus_per_actor=cpus_per_actor,
-                gpus_per_actor=gpus_per_actor,
-                address=address,
-            )
-    finally:
-        if bar is not None:
-            bar.close()
-    if len(store.done()) < plan.n_chunks:
-        return None
-    return reduce(store.root)
+        total = sum(sizes[c] for c in mine)
+        initial = sum(sizes[c] for c in mine if c in done)
+        bar = tqdm(total=total, initial=initial, unit="sentence", desc="corpus")
+    return todo, bar
 
 
 def status(out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -188,11 +167,3 @@ def status(out: str | os.PathLike[str]) -> dict[str, Any]:
         "reduced": store.summary("agg").exists(),
         "fingerprint": manifest["fingerprint"],
     }
-
-
-def _bar(progress: bool, total: int, initial: int) -> Any:
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="sentence", desc="corpus")

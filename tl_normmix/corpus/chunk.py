@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tl_normmix.cached_maps import hook_filter, mixing_maps
 from tl_normmix.corpus.alignment import Aligned, AlignmentError, align
 from tl_normmix.corpus.conllu import Sentence
 from tl_normmix.corpus.statistics import (
@@ -42,9 +41,10 @@ from tl_normmix.corpus.statistics import (
     sentence_sums,
 )
 from tl_normmix.corpus.store import Tables
+from tl_normmix.maps import hook_filter, mixing_maps
+from tl_normmix.maps.scopes import resolve_scopes
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.editing import editor
-from tl_normmix.scopes import resolve_scopes
 
 __all__ = ["ChunkAnalyser", "ModelSpec", "sentence_labels"]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tl_normmix.corpus.config import CorpusConfig
 from tl_normmix.corpus.conllu import POLICY, Sentence, read_conllu
 
 __all__ = ["SCHEMA", "Plan", "fingerprint", "make_plan", "mismatch", "weights_hash"]
@@ -92,15 +93,10 @@ def _version(package: str) -> str:
 
 
 def fingerprint(
-    model: Any,
-    model_ref: str,
-    plan: Plan,
-    *,
-    scopes: Sequence[str],
-    batch_size: int,
-    top_k: int,
-    truncate: bool,
+    model: Any, model_ref: str, plan: Plan, scopes: Sequence[str], config: CorpusConfig
 ) -> dict[str, Any]:
+    """What a run's numbers depend on: the model and its weights, versions, scopes, the
+    ``analysis`` fields of ``config``, the corpus and the alignment policy."""
     dtype = next(iter(model.parameters())).dtype
     return {
         "schema": SCHEMA,
@@ -109,10 +105,7 @@ def fingerprint(
         "dtype": str(dtype).removeprefix("torch."),
         "versions": {p: _version(p) for p in ("torch", "transformer-lens", "tl_normmix")},
         "scopes": list(scopes),
-        "chunk_size": plan.chunk_size,
-        "batch_size": batch_size,
-        "top_k": top_k,
-        "truncate": truncate,
+        **config.analysis(),
         "corpus": list(plan.files),
         "sentences": len(plan.sentences),
         "alignment_policy": POLICY,

@@ -38,10 +38,6 @@ from tl_normmix.decompose.residual import Request, through_bias
 
 __all__ = ["AltiInputs", "alti_inputs", "alti_map", "alti_routes"]
 
-#: Floats of the pair vectors one block may hold (4 MiB in float32: the CPU's cache holds it;
-#: 2-5x faster than 64 MiB chunks on SmolLM2 at N = 256).
-_BLOCK_FLOATS = 2**20
-
 
 @dataclass
 class AltiInputs:
@@ -88,8 +84,10 @@ def alti_inputs(
     return AltiInputs(pattern, g, kappa, diag, post(x), whole)
 
 
-def _chunk(batch: int, pos: int, width: int) -> int:
-    return max(1, min(pos, _BLOCK_FLOATS // max(1, batch * pos * width)))
+def _chunk(batch: int, pos: int, width: int, block_floats: int | None) -> int:
+    if block_floats is None:
+        return pos
+    return max(1, min(pos, block_floats // max(1, batch * pos * width)))
 
 
 def _attended_ends(
@@ -102,11 +100,17 @@ def _attended_ends(
 
 
 def alti_map(
-    a: AltiInputs, mask: Bool[Tensor, "batch pos"], eps: float = 0.0
+    a: AltiInputs,
+    mask: Bool[Tensor, "batch pos"],
+    eps: float = 0.0,
+    *,
+    block_floats: int | None = None,
 ) -> tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
     """ALTI's per-layer map (rows sum to 1 over real tokens) and ``1 − c_ii``, the share a
     receiver takes from the other tokens. ``eps``: the distance is ``‖T − y + eps‖₁``, as
-    ``torch.nn.functional.pairwise_distance`` computes it in the reference code (``1e-6``)."""
+    ``torch.nn.functional.pairwise_distance`` computes it in the reference code (``1e-6``).
+    ``block_floats``: floats of the pair vectors built at a time (blocks the CPU's cache holds
+    are several times faster than large ones); None: all at once."""
     batch, _, n, _ = a.pattern.shape
     d = a.g.shape[-1]
     out = a.pattern.new_zeros(batch, n, n)
@@ -116,7 +120,7 @@ def alti_map(
     # matmul, one in-place subtraction, one in-place abs and one sum.
     kappa = a.kappa.clamp_min(torch.finfo(a.kappa.dtype).tiny)
     w = (a.whole - eps) / kappa[..., None]
-    chunk = _chunk(batch, n, d)
+    chunk = _chunk(batch, n, d, block_floats)
     ends = _attended_ends(a.pattern, eps)
     buffer = a.g.new_empty(batch * n * chunk * d)  # one for every chunk (see alti_routes)
     for start in range(0, n, chunk):
@@ -143,7 +147,12 @@ def alti_map(
 
 
 def alti_routes(
-    a: AltiInputs, mask: Bool[Tensor, "batch pos"], floor: float = 0.0, eps: float = 0.0
+    a: AltiInputs,
+    mask: Bool[Tensor, "batch pos"],
+    floor: float = 0.0,
+    eps: float = 0.0,
+    *,
+    block_floats: int | None = None,
 ) -> tuple[Float[Tensor, "batch head_index query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
     """Per-(head, source) contributions and the residual's, normalised together per receiver
     (llm-transparency-tool's attention contributions; ``floor`` as its ``EPS``, ``eps`` as its
@@ -162,8 +171,9 @@ def alti_routes(
     # N = 256 on SmolLM2), in one buffer (a fresh tensor per block costs more than its arithmetic)
     distance = a.pattern.new_zeros(batch, n, n, heads)
     per_pair = max(1, batch * heads * d)
-    keys_per_block = max(1, min(n, _BLOCK_FLOATS // per_pair))
-    receivers_per_block = max(1, min(n, _BLOCK_FLOATS // (per_pair * keys_per_block)))
+    block_floats = block_floats or per_pair * n * n
+    keys_per_block = max(1, min(n, block_floats // per_pair))
+    receivers_per_block = max(1, min(n, block_floats // (per_pair * keys_per_block)))
     buffer = a.g.new_empty(receivers_per_block * keys_per_block * per_pair)
     # keys no receiver attends to (the future, in causal models) are zero parts, not built:
     # ‖y‖₁ − ‖y − 0‖₁ = 0, the floor (with eps every part is built)

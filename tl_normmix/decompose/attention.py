@@ -17,10 +17,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 __all__ = [
-    "CHUNK_SIZE",
     "SourceTerms",
     "attended_ends",
-    "chunk_rows",
     "gram_factor",
     "head_mean",
     "head_summed_norms",
@@ -109,37 +107,21 @@ def psd_factor(gram: Float[Tensor, "*batch n n"]) -> Float[Tensor, "*batch n n"]
     return factor
 
 
-#: Default rows per chunk on a CPU: queries in ``quadratic_norms``, sources in ``source_terms``.
-#: Small chunks keep the working buffers in cache; peak working memory is ``O(chunk · N · H)``.
-CHUNK_SIZE = 32
-
-#: On a GPU small chunks leave it idle between kernel launches: a chunk fills this many floats.
-_GPU_CHUNK_FLOATS = 64 * 2**20
-
-
-def chunk_rows(pattern: Tensor, width: int) -> int:
-    """Rows per chunk for ``pattern`` ``[batch, head, query, key]`` when each row of a chunk holds
-    ``batch · key · width`` floats: ``CHUNK_SIZE`` on a CPU, as many as fill 256 MiB on a GPU."""
-    if pattern.device.type == "cpu":
-        return CHUNK_SIZE
-    batch, _, _, n = pattern.shape
-    return max(CHUNK_SIZE, _GPU_CHUNK_FLOATS // max(1, batch * n * width))
-
-
 def quadratic_norms(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     factors: Sequence[Float[Tensor, "batch key_pos head_index rank"]],
     *,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> Float[Tensor, "factor batch query_pos key_pos"]:
     """``‖Σ_h α^h_ij f^h_j‖ = ‖L_jᵀ α_ij‖`` for each Gram factor ``L`` (METHODS §1, cost).
 
     Chunked over queries: each chunk of the pattern is transposed once so that every source ``j``
     holds its ``[query, head]`` block, and one batched matmul against all factors (concatenated)
     serves every factor at once. Cost ``O(N²·H·rank)`` per factor; working memory
-    ``O(chunk·N·H·n_factors)``, never ``N²·d``.
+    ``O(chunk·N·H·n_factors)``, never ``N²·d`` (``chunk_size`` None: every query at once).
     """
     batch, _, n_query, n_key = pattern.shape
+    chunk_size = chunk_size or n_query
     ranks = [factor.shape[-1] for factor in factors]
     stacked = torch.cat(list(factors), dim=-1)  # [batch, key, head, Σ rank]
     out = pattern.new_empty(len(factors), batch, n_query, n_key)
@@ -157,7 +139,7 @@ def head_summed_norms(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     f: Float[Tensor, "batch key_pos head_index d_model"],
     *,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> Float[Tensor, "batch query_pos key_pos"]:
     """``‖Σ_h α^h_ij f^h_j‖`` for all pairs without an ``N×N×d`` tensor (METHODS §1)."""
     return quadratic_norms(pattern, [gram_factor(f)], chunk_size=chunk_size)[0]
@@ -178,12 +160,13 @@ def source_terms(
     W_O: Float[Tensor, "head_index d_head d_model"],
     transforms: Sequence[Callable[[Tensor], Tensor] | None],
     *,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> SourceTerms:
     """Gram factors of ``T f^h_j`` for each fixed linear map ``T`` (None: the identity), the self
     part and the value norms (METHODS §1–2), building ``f`` only ``chunk_size`` sources at a time
-    (never ``[batch, pos, head, d_model]`` at once)."""
+    (None: every source at once)."""
     batch, pos, heads, _ = v.shape
+    chunk_size = chunk_size or pos
     diagonal = pattern.diagonal(dim1=-2, dim2=-1)  # [batch, head, pos]
     factors = [v.new_empty(batch, pos, heads, heads) for _ in transforms]
     own = v.new_empty(batch, pos, W_O.shape[-1])

@@ -103,7 +103,7 @@ class NormSpec:
 
 
 class Stage(str, Enum):
-    """What a map decomposes (METHODS §1–3); ``tl_normmix.scopes`` names them for users."""
+    """What a map decomposes; the registry (``tl_normmix.maps.scopes``) names them for users."""
 
     WEIGHTS = "weights"  # α, head mean (not a decomposition)
     WEIGHTS_RES = "weights_res"  # 0.5·ᾱ + 0.5·I
@@ -115,7 +115,6 @@ class Stage(str, Enum):
     OUT = "out"  # the block output (after the norms over it, if any)
     GLOBENC = "globenc"  # post-LN: ATTN_RES_LN through LN2's frozen map, FF left out (§4)
     ALTI = "alti"  # the attention sublayer's resultant (ATTN_RES and the norms reading it), L1 (§4)
-    VALUE_ZEROING = "value_zeroing"  # an intervention per source: runs the block's tail (§4)
 
 
 @dataclass(frozen=True)

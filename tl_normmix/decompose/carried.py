@@ -31,7 +31,7 @@ from tl_normmix.decompose import attention, feedforward, generic_ff
 from tl_normmix.decompose.attention_block import norm_chain
 from tl_normmix.decompose.blocks import FFModule, LayerTensors, MLPSpec
 from tl_normmix.decompose.residual import NormChain, through_bias
-from tl_normmix.decompose.whole_layer import FFOptions, points_for
+from tl_normmix.decompose.whole_layer import points_for
 
 __all__ = ["Carried", "carry_block", "initial", "value_parts"]
 
@@ -105,7 +105,7 @@ def carry_block(
     values: Float[Tensor, "batch kv_head pos source_x_d_head"],
     value_bias: Float[Tensor, "batch pos kv_head d_head"],
     mask: Bool[Tensor, "batch pos"],
-    options: FFOptions,
+    quadrature_points: int | None,
     chunk: int,
 ) -> Carried:
     """The block output as parts over the sources, written into ``carried.parts`` (receivers a
@@ -128,7 +128,7 @@ def carry_block(
     )
     new_bias = carried.bias.new_empty(batch, n, d)
     mlp = t.mlp if layout.has_mlp else None
-    points = points_for(t, mlp, options) if mlp is not None else None
+    points = points_for(t, mlp, quadrature_points) if mlp is not None else None
     reach = _reach_after(carried.reach, pattern)
     ends = attention.attended_ends(pattern)
     for start in range(0, n, chunk):

@@ -121,15 +121,13 @@ def decompose(
     ``pattern`` has padding already masked; ``mixed`` is ``Σ_j Σ_h α f`` if known (the cached
     attention output minus ``b_O``), else it is computed. One chunked pass over the sources
     builds a Gram factor per distinct norm chain; one chunked pass over the queries evaluates
-    every chain's quadratic form. The ratio is
+    every chain's quadratic form (``chunk_size`` rows at a time: a query row holds
+    ``batch · N · H · (1 + n_chains)`` floats; None: all at once). The ratio is
     ``‖Σ_{j≠i} F_i(x_j)‖ / (‖Σ_{j≠i} F_i(x_j)‖ + ‖F_i(x_i)‖)``.
     """
     chains: dict[tuple[int, ...], Request] = {}
     for request in requests.values():
         chains.setdefault(request.chain_key, request)
-    if chunk_size is None:  # a query row of the quadratic pass holds N·H·(1 + Σ rank) floats
-        heads = pattern.shape[1]
-        chunk_size = attention.chunk_rows(pattern, heads * (1 + len(chains)))
     terms = attention.source_terms(
         pattern, v, W_O, [r.transform() for r in chains.values()], chunk_size=chunk_size
     )

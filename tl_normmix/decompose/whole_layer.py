@@ -23,7 +23,7 @@ without a feed-forward part have only the block output, computed by ``residual.d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,40 +37,22 @@ from tl_normmix.decompose.blocks import FFModule, LayerTensors, MLPSpec, Stage
 from tl_normmix.decompose.residual import NormChain, Request, through_bias
 
 __all__ = [
+    "MIN_CHUNK",
     "WHOLE_LAYER_STAGES",
-    "FFOptions",
     "WholeLayerMaps",
-    "available_bytes",
     "chunk_bytes",
+    "fixed_bytes",
     "hidden_width",
     "points_for",
     "whole_layer_maps",
 ]
 
-#: Working memory the default query chunk aims at.
-DEFAULT_BUDGET_BYTES = 256 * 2**20
-
-#: Receivers per chunk even where that exceeds the budget (long inputs): with one receiver the
-#: first matmul runs as a matrix-vector product per key (SmolLM2, 2,048 tokens, one layer: 44 s
-#: with chunks of 1, 26 s with 2, 24 s with 4, 27 s with 8).
+#: Receivers per chunk even where that exceeds the memory budget (long inputs): with one
+#: receiver the first matmul runs as a matrix-vector product per key, several times slower.
 MIN_CHUNK = 4
 
 #: The stages computed here.
 WHOLE_LAYER_STAGES = frozenset({Stage.FF, Stage.FF_RES, Stage.OUT})
-
-
-@dataclass(frozen=True)
-class FFOptions:
-    """How the feed-forward block is split (METHODS §3).
-
-    ``quadrature_points``: None — the closed form for element-wise activations,
-    ``feedforward.DEFAULT_QUADRATURE_POINTS`` Gauss–Legendre points for gated blocks and for the
-    generic path; an integer — quadrature with that many points for every block.
-    ``chunk_size``: queries per chunk (None: fit ``DEFAULT_BUDGET_BYTES``).
-    """
-
-    quadrature_points: int | None = None
-    chunk_size: int | None = None
 
 
 @dataclass
@@ -103,140 +85,184 @@ def fixed_bytes(batch: int, pos: int, heads: int, d_model: int, hidden: int) -> 
     return 4 * batch * pos * heads * (hidden + 2 * d_model)
 
 
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CUDA: ``mem_get_info`` plus the blocks PyTorch's caching
-    allocator holds unused; CPU: ``MemAvailable``), if known."""
-    if device.type == "cuda":  # free on the device + what PyTorch's cache holds unused
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(torch.cuda.mem_get_info(device)[0]) + cached
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def whole_layer_maps(
     t: LayerTensors,
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     mask: Bool[Tensor, "batch pos"],
     stages: Mapping[str, Stage],
-    options: FFOptions = FFOptions(),
+    *,
+    chunk: int | None = None,
+    block_rows: int | None = None,
+    quadrature_points: int | None = None,
     ff_sink: Callable[[int, int, Tensor], None] | None = None,
 ) -> WholeLayerMaps:
     """Maps, ratios and completeness residuals named by ``stages`` (``FF``, ``FF_RES``, ``OUT``)
     for one layer (``pattern`` already masked). Padded cells are zero, padded tokens NaN.
-    ``ff_sink(start, stop, ig)`` receives each chunk's ``IG_ij`` vectors ``[batch, key, chunk,
-    d]`` (receivers ``start:stop``) for analyses that need the vectors, not only their norms; the
-    keys are the first ones up to the last any receiver of the chunk attends to (the later keys'
-    vectors are zero)."""
+    ``chunk``: receivers per chunk of the pair loop (``chunk_bytes`` each; None: all at once);
+    ``block_rows``: parallel and attention-only blocks, rows per chunk of ``residual.decompose``;
+    ``quadrature_points``: as ``points_for``. ``ff_sink(start, stop, ig)`` receives each chunk's
+    ``IG_ij`` vectors ``[batch, key, chunk, d]`` (receivers ``start:stop``) for analyses that
+    need the vectors, not only their norms; the keys are the first ones up to the last any
+    receiver of the chunk attends to (the later keys' vectors are zero)."""
     layout = t.layout
     if layout.parallel or not layout.has_mlp:
         assert set(stages.values()) <= {Stage.OUT}, "refused by scopes"
-        return _single_stream(t, pattern, list(stages))
-    mlp = t.mlp
-    assert mlp is not None
-    points = points_for(t, mlp, options)
-    batch, pos, heads = t.v.shape[0], t.v.shape[1], t.v.shape[2]
-    d = t.W_O.shape[-1]
-    width = hidden_width(mlp)
-    chunk = _chunk_size(options.chunk_size, t, batch, pos, heads, d, width)
-
-    f = attention.source_vectors(t.v, t.W_O)  # [batch, key, head, d]
-    own = attention.self_part(pattern.diagonal(dim1=-2, dim2=-1), f)
-    context = t["attn_out"] - t.b_O - own
-    x = t["resid_pre"]
-    b_O = t.b_O.expand_as(x)
-
-    ff_in = _parts(t, layout.attn_out, layout.ff_input, own, context, x, b_O)  # u_ij
-    res = (
-        ff_in if not layout.mlp_in else _parts(t, layout.attn_out, layout.mid, own, context, x, b_O)
-    )
-    out_norm = norm_chain(t, layout.mlp_out)
-    out_kappa = out_norm.kappa(x)
-    final = norm_chain(t, layout.post) if layout.post else None
-    final_kappa = final.kappa(x) if final is not None else None
-
-    g_in = _transform(ff_in.chain, f)  # T f^h_j, per source and head
-    g_res = g_in if res is ff_in else _transform(res.chain, f)
-    closed = _ClosedForm(mlp, ff_in, g_in, points, out_norm) if isinstance(mlp, MLPSpec) else None
-    del f
-
-    wanted = set(stages.values())
-    need_ff = Stage.FF in wanted or ff_sink is not None
-    need_res = Stage.FF_RES in wanted or (Stage.OUT in wanted and final is None)
-    need_final = final is not None and Stage.OUT in wanted
-    kept = [
-        s for s, w in (("ff", Stage.FF in wanted), ("res", need_res), ("final", need_final)) if w
-    ]
-    norms = {s: pattern.new_zeros(batch, pos, pos) for s in kept}
-    sums = {s: pattern.new_zeros(batch, pos, d) for s in kept}
-    diags = {s: pattern.new_zeros(batch, pos, d) for s in kept}
-
+        return _single_stream(t, pattern, list(stages), block_rows)
+    split = _Split(t, pattern, quadrature_points)
+    streams = split.streams(set(stages.values()))
+    pos = pattern.shape[-1]
+    chunk = chunk or pos
     ends = attention.attended_ends(pattern)
     for start in range(0, pos, chunk):
         stop = min(start + chunk, pos)
         # keys from `hi` on are attended by no receiver of the chunk: their pair vectors are zero
         hi = max(stop, *ends[start:stop])
         rows = torch.arange(start, stop, device=pattern.device)  # receivers i of the chunk
-        cols = rows - start  # their index within the chunk
-        by_key = pattern[:, :, start:stop, :hi].transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
-        need_written = need_res or need_final
-        if closed is not None:
-            ig, written = closed.chunk(by_key, start, stop, rows, cols, need_ff, need_written)
-        else:
-            assert isinstance(mlp, FFModule) and points is not None
-            u = torch.matmul(by_key, g_in[:, :hi]) * ff_in.kappa[:, None, start:stop, None]
-            u[:, rows, cols] = ff_in.diag[:, start:stop]
-            ig = generic_ff.integrated_gradients(
-                mlp, u, ff_in.total[:, start:stop], ff_in.bias[:, start:stop], points
-            )
-            del u
-            written = out_norm(ig, per_receiver=False) if out_norm.norms else ig
-        if need_ff:
-            assert ig is not None
-            if ff_sink is not None:
-                ff_sink(start, stop, ig)
-            if "ff" in norms:
-                _collect(ig, norms["ff"], sums["ff"], diags["ff"], start, stop, rows, cols)
-        del ig
-        if not need_written:
-            continue
-        assert written is not None
-        if out_norm.norms:  # the FF output's own chain, linearised at the receiver
-            written = written * out_kappa[:, None, start:stop, None]
-        residual_parts = torch.matmul(by_key, g_res[:, :hi]) * res.kappa[:, None, start:stop, None]
-        residual_parts[:, rows, cols] = res.diag[:, start:stop]
-        vectors = written + residual_parts
-        del residual_parts, written
-        if need_res:
-            _collect(vectors, norms["res"], sums["res"], diags["res"], start, stop, rows, cols)
-        if need_final:
-            assert final is not None and final_kappa is not None
-            vectors = final(vectors, per_receiver=False) * final_kappa[:, None, start:stop, None]
-            _collect(
-                vectors, norms["final"], sums["final"], diags["final"], start, stop, rows, cols
-            )
-
-    ff_bias = _forward(mlp, ff_in.bias)
-    targets, biases = _targets(t, ff_bias, res.bias, out_norm, final)
-    stage_of = {
-        Stage.FF: "ff",
-        Stage.FF_RES: "res",
-        Stage.OUT: "final" if final is not None else "res",
-    }
+        for stage, vectors in split.chunk(start, stop, hi, streams, ff_sink is not None):
+            if stage is Stage.FF and ff_sink is not None:
+                ff_sink(start, stop, vectors)
+            if stage in streams:
+                streams[stage].collect(vectors, start, stop, rows, rows - start)
+            del vectors
+    targets = split.targets()
     result = WholeLayerMaps({}, {}, {})
     for name, stage in stages.items():
-        kept_stage = stage_of[stage]
-        result.maps[name] = norms[kept_stage]  # stages may share a tensor (copied by MapsBuilder)
-        result.ratios[name] = _ratio(sums[kept_stage], diags[kept_stage])
-        result.completeness[name] = _residual(
-            sums[kept_stage] + biases[kept_stage], targets[kept_stage]
-        )
+        kept, (target, bias) = streams[stage], targets[stage]
+        result.maps[name] = kept.norms  # stages may share a tensor (copied by MapsBuilder)
+        result.ratios[name] = _ratio(kept.sums, kept.diags)
+        result.completeness[name] = _residual(kept.sums + bias, target)
     return result
+
+
+@dataclass
+class _Kept:
+    """``‖v_ij‖``, ``Σ_j v_ij`` and ``v_ii`` of one stream of pair vectors, a chunk at a time."""
+
+    norms: Tensor  # [batch, query, key]
+    sums: Tensor  # [batch, query, d]
+    diags: Tensor  # [batch, query, d]
+
+    def collect(self, vectors: Tensor, start: int, stop: int, rows: Tensor, cols: Tensor) -> None:
+        """Store a chunk of pair vectors ``[b, key, q, d]`` (the first keys; the norms of the
+        later ones stay zero)."""
+        self.norms[:, start:stop, : vectors.shape[1]] = vectors.norm(dim=-1).transpose(1, 2)
+        self.sums[:, start:stop] = vectors.sum(dim=1)
+        self.diags[:, start:stop] = vectors[:, rows, cols]
+
+
+class _Split:
+    """One layer's pair vectors through the feed-forward block, in factored form (see the module
+    docstring): the parts of the FF input and of the stream after the attention branch, the FF's
+    closed form (or the generic path) and the chains after it."""
+
+    def __init__(self, t: LayerTensors, pattern: Tensor, quadrature_points: int | None) -> None:
+        layout, mlp = t.layout, t.mlp
+        assert mlp is not None
+        self.t, self.pattern, self.mlp = t, pattern, mlp
+        self.points = points_for(t, mlp, quadrature_points)
+        f = attention.source_vectors(t.v, t.W_O)  # [batch, key, head, d]
+        own = attention.self_part(pattern.diagonal(dim1=-2, dim2=-1), f)
+        context = t["attn_out"] - t.b_O - own
+        x = t["resid_pre"]
+        b_O = t.b_O.expand_as(x)
+        self.ff_in = _parts(t, layout.attn_out, layout.ff_input, own, context, x, b_O)  # u_ij
+        self.res = (
+            _parts(t, layout.attn_out, layout.mid, own, context, x, b_O)
+            if layout.mlp_in
+            else self.ff_in
+        )
+        self.out_norm = norm_chain(t, layout.mlp_out)
+        self.out_kappa = self.out_norm.kappa(x)
+        self.final = norm_chain(t, layout.post) if layout.post else None
+        self.final_kappa = self.final.kappa(x) if self.final is not None else None
+        self.g_in = _transform(self.ff_in.chain, f)  # T f^h_j, per source and head
+        self.g_res = self.g_in if self.res is self.ff_in else _transform(self.res.chain, f)
+        self.closed = (
+            _ClosedForm(mlp, self.ff_in, self.g_in, self.points, self.out_norm)
+            if isinstance(mlp, MLPSpec)
+            else None
+        )
+
+    def streams(self, wanted: set[Stage]) -> dict[Stage, _Kept]:
+        """Zeroed storage per wanted stage; without post norms ``OUT`` is the ``FF_RES`` stream."""
+        batch, _, pos, _ = self.pattern.shape
+        d = self.t.W_O.shape[-1]
+
+        def zeros() -> _Kept:
+            new = self.pattern.new_zeros
+            return _Kept(new(batch, pos, pos), new(batch, pos, d), new(batch, pos, d))
+
+        kept: dict[Stage, _Kept] = {s: zeros() for s in wanted if s in (Stage.FF, Stage.FF_RES)}
+        if Stage.OUT in wanted:
+            if self.final is not None:
+                kept[Stage.OUT] = zeros()
+            else:
+                kept[Stage.OUT] = kept.setdefault(Stage.FF_RES, zeros())
+        return kept
+
+    def chunk(
+        self, start: int, stop: int, hi: int, streams: dict[Stage, _Kept], sink: bool
+    ) -> Iterator[tuple[Stage, Tensor]]:
+        """The chunk's pair vectors ``[batch, key, chunk, d]`` stage by stage, each built from
+        the last: ``IG_ij``, after the second residual, after the post norms."""
+        need_ig = Stage.FF in streams or sink
+        need_res = Stage.FF_RES in streams or (Stage.OUT in streams and self.final is None)
+        need_final = self.final is not None and Stage.OUT in streams
+        need_written = need_res or need_final
+        rows = torch.arange(start, stop, device=self.pattern.device)
+        cols = rows - start
+        pattern = self.pattern[:, :, start:stop, :hi]
+        by_key = pattern.transpose(-1, -2).contiguous().permute(0, 2, 3, 1)
+        if self.closed is not None:
+            ig, written = self.closed.chunk(by_key, start, stop, rows, cols, need_ig, need_written)
+        else:
+            ig = self._generic(by_key, start, stop, rows, cols, hi)
+            written = self.out_norm(ig, per_receiver=False) if self.out_norm.norms else ig
+        if need_ig:
+            assert ig is not None
+            yield Stage.FF, ig
+        del ig
+        if not need_written:
+            return
+        assert written is not None
+        if self.out_norm.norms:  # the FF output's own chain, linearised at the receiver
+            written = written * self.out_kappa[:, None, start:stop, None]
+        res = self.res
+        vectors = torch.matmul(by_key, self.g_res[:, :hi]) * res.kappa[:, None, start:stop, None]
+        vectors[:, rows, cols] = res.diag[:, start:stop]
+        vectors += written
+        del written
+        if need_res:
+            yield Stage.FF_RES, vectors
+        if need_final:
+            assert self.final is not None and self.final_kappa is not None
+            vectors = self.final(vectors, per_receiver=False)
+            yield Stage.OUT, vectors * self.final_kappa[:, None, start:stop, None]
+
+    def _generic(
+        self, by_key: Tensor, start: int, stop: int, rows: Tensor, cols: Tensor, hi: int
+    ) -> Tensor:
+        """``IG_ij`` of a feed-forward module without a closed form (``generic_ff``)."""
+        assert isinstance(self.mlp, FFModule) and self.points is not None
+        ff_in = self.ff_in
+        u = torch.matmul(by_key, self.g_in[:, :hi]) * ff_in.kappa[:, None, start:stop, None]
+        u[:, rows, cols] = ff_in.diag[:, start:stop]
+        return generic_ff.integrated_gradients(
+            self.mlp, u, ff_in.total[:, start:stop], ff_in.bias[:, start:stop], self.points
+        )
+
+    def targets(self) -> dict[Stage, tuple[Tensor, Tensor]]:
+        """Per stage: the cached tensor its parts must rebuild, and the bias terms to add."""
+        t = self.t
+        ff_bias = self.mlp.forward(self.ff_in.bias)
+        res_bias = through_bias(self.out_norm, ff_bias) + self.res.bias
+        out = {Stage.FF: (t["mlp_out"], ff_bias)}
+        if self.final is None:
+            out[Stage.FF_RES] = out[Stage.OUT] = (t["resid_post"], res_bias)
+        else:  # post-LN: RES2 feeds the post norms; the block output is after them
+            out[Stage.FF_RES] = (t["post_in"], res_bias)
+            out[Stage.OUT] = (t["resid_post"], through_bias(self.final, res_bias))
+        return out
 
 
 class _ClosedForm:
@@ -302,23 +328,6 @@ class _ClosedForm:
         return ig, written
 
 
-def _collect(
-    vectors: Tensor,
-    norms: Tensor,
-    sums: Tensor,
-    diags: Tensor,
-    start: int,
-    stop: int,
-    rows: Tensor,
-    cols: Tensor,
-) -> None:
-    """Store ``‖v_ij‖``, ``Σ_j v_ij`` and ``v_ii`` of a chunk of pair vectors ``[b, key, q, d]``
-    (the first keys; ``norms`` of the later ones stay zero)."""
-    norms[:, start:stop, : vectors.shape[1]] = vectors.norm(dim=-1).transpose(1, 2)
-    sums[:, start:stop] = vectors.sum(dim=1)
-    diags[:, start:stop] = vectors[:, rows, cols]
-
-
 def _ratio(total: Tensor, diag: Tensor) -> Tensor:
     context = (total - diag).norm(dim=-1)
     own = diag.norm(dim=-1)
@@ -354,27 +363,9 @@ def _parts(
     return _Parts(chain=Request(x, pre, post), kappa=kappa, diag=diag, bias=bias, total=total)
 
 
-def _forward(mlp: MLPSpec | FFModule, u: Tensor) -> Tensor:
-    return mlp.forward(u)
-
-
-def _targets(
-    t: LayerTensors, ff_bias: Tensor, res_bias: Tensor, out_norm: NormChain, final: NormChain | None
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Per kept stream: the cached tensor the parts must rebuild, and the bias terms to add."""
-    targets = {"ff": t["mlp_out"]}
-    biases = {"ff": ff_bias}
-    biases["res"] = through_bias(out_norm, ff_bias) + res_bias
-    if final is not None:  # post-LN: RES2 feeds the post norms; the block output is after them
-        targets["res"] = t["post_in"]
-        targets["final"] = t["resid_post"]
-        biases["final"] = through_bias(final, biases["res"])
-    else:
-        targets["res"] = t["resid_post"]
-    return targets, biases
-
-
-def _single_stream(t: LayerTensors, pattern: Tensor, names: list[str]) -> WholeLayerMaps:
+def _single_stream(
+    t: LayerTensors, pattern: Tensor, names: list[str], rows: int | None
+) -> WholeLayerMaps:
     """Parallel blocks and blocks without a feed-forward part: the block output
     ``post(r + attn_out(A) + mlp_out(FF(mlp_in(r))))`` (or ``post(mid(r + attn_out(A)))``).
     The FF reads the layer input, so within the layer its output belongs to ``j = i``:
@@ -389,10 +380,12 @@ def _single_stream(t: LayerTensors, pattern: Tensor, names: list[str]) -> WholeL
         assert t.mlp is not None
         out_norm = norm_chain(t, layout.mlp_out)
         base = through_bias(norm_chain(t, layout.mlp_in), torch.zeros_like(x))
-        bias_written = through_bias(out_norm, _forward(t.mlp, base))
+        bias_written = through_bias(out_norm, t.mlp.forward(base))
         own_written = through_bias(out_norm, t["mlp_out"]) - bias_written
     request = Request(x + own_written, pre, post)
-    result = residual.decompose(pattern, t.v, t.W_O, {"out": request}, mixed=t["attn_out"] - t.b_O)
+    result = residual.decompose(
+        pattern, t.v, t.W_O, {"out": request}, mixed=t["attn_out"] - t.b_O, chunk_size=rows
+    )
     layer_map, ratio = result.maps["out"]
     # Σ_j parts + bias terms, with the attention part rebuilt from the pattern and values.
     mixed = attention.mixed_output(pattern, t.v, t.W_O)
@@ -416,9 +409,14 @@ def hidden_width(mlp: MLPSpec | FFModule | None) -> int:
     return (2 if mlp.gated else 1) * mlp.W_in.shape[1]
 
 
-def points_for(t: LayerTensors, mlp: MLPSpec | FFModule, options: FFOptions) -> int | None:
-    """Quadrature points of the layer's FF split (None: the closed form), METHODS §3."""
-    points = options.quadrature_points
+def points_for(
+    t: LayerTensors, mlp: MLPSpec | FFModule, quadrature_points: int | None
+) -> int | None:
+    """Quadrature points of the layer's FF split (None: the closed form), METHODS §3: None asks
+    for the closed form of element-wise activations and ``feedforward.DEFAULT_QUADRATURE_POINTS``
+    Gauss–Legendre points for gated blocks and the generic path; an integer asks for quadrature
+    with that many points for every block."""
+    points = quadrature_points
     if isinstance(mlp, FFModule) or mlp.gated:
         return points if points is not None else feedforward.DEFAULT_QUADRATURE_POINTS
     if points is None and not is_elementwise(mlp.act):
@@ -427,34 +425,3 @@ def points_for(t: LayerTensors, mlp: MLPSpec | FFModule, options: FFOptions) -> 
             "form of METHODS §3 does not apply."
         )
     return points
-
-
-def _chunk_size(
-    chunk: int | None, t: LayerTensors, batch: int, pos: int, heads: int, d: int, hidden: int
-) -> int:
-    per_query = chunk_bytes(batch, pos, 1, d, hidden)
-    if chunk is None:
-        chunk = max(MIN_CHUNK, DEFAULT_BUDGET_BYTES // per_query)
-        free = available_bytes(t.device)
-        if free is not None:  # long inputs: above the budget, but never above what is free
-            fits = (free // 2 - fixed_bytes(batch, pos, heads, d, hidden)) // per_query
-            chunk = min(chunk, max(1, fits))
-        return max(1, min(pos, chunk))
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk}.")
-    free = available_bytes(t.device)
-    fixed = fixed_bytes(batch, pos, heads, d, hidden)
-    need = fixed + per_query * min(chunk, pos)
-    if free is not None and need > free:
-        fits = (free - fixed) // per_query
-        advice = (
-            f"chunk_size={fits} would fit"
-            if fits >= 1
-            else "no chunk size fits: use a shorter input, a smaller batch or fewer layers"
-        )
-        raise MemoryError(
-            f"Layer {t.layer}: chunk_size={chunk} needs about {need / 2**30:.1f} GiB for the "
-            f"feed-forward pass (batch {batch}, {pos} tokens, {hidden} hidden units) but "
-            f"{free / 2**30:.1f} GiB are free; {advice}."
-        )
-    return chunk

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tl_normmix.analysis import spearman
-from tl_normmix.interventions.knockout import KnockOut, resolve_rows
+from tl_normmix.analysis.ranks import spearman
+from tl_normmix.interventions.knockout import KnockOut
+from tl_normmix.interventions.run import resolve_rows
 from tl_normmix.maps import MixingMaps
 
 __all__ = ["Agreement", "agreement"]
@@ -33,12 +34,6 @@ class Agreement:
     table: Any
     k: int
     mode: str
-
-    def plot(self) -> Any:
-        """Spearman per layer and scope (matplotlib Figure)."""
-        from tl_normmix.render import plots
-
-        return plots.agreement(self)
 
 
 def agreement(

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from tl_normmix.interventions.knockout import Metric, capture, check_metric
+from tl_normmix.interventions.run import Metric, capture, check_metric
 from tl_normmix.maps import MixingMaps
 from tl_normmix.models.editing import editor, reads_hidden
 
@@ -38,7 +38,7 @@ class EdgeAttribution:
 
     maps: Float[Tensor, "layer batch query_pos key_pos"]
     heads: Float[Tensor, "layer batch head_index query_pos key_pos"]
-    mode: str
+    mode: Literal["remove", "patch"]
     convention: str
     mask: Bool[Tensor, "batch pos"]
     model_name: str
@@ -63,7 +63,7 @@ def edge_attribution(
     model: Any,
     tokens: Tensor,
     metric: Metric,
-    mode: str = "remove",
+    mode: Literal["remove", "patch"] = "remove",
     source_tokens: Tensor | None = None,
     attention_mask: Tensor | None = None,
 ) -> EdgeAttribution:

@@ -17,19 +17,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_normmix.interventions.edges import EdgeSet
-from tl_normmix.interventions.knockout import Metric, capture, prepare, resolve_rows
+from tl_normmix.interventions.run import Metric, capture, prepare, resolve_rows
 from tl_normmix.models.editing import Editor, editor, reads_hidden
 
 __all__ = ["FaithfulnessCurve", "KeptCircuit", "faithfulness_curve", "keep_only"]
 
-ABLATIONS = ("remove", "patch", "mean")
+#: How the edges outside a circuit are ablated.
+Ablation = Literal["remove", "patch", "mean"]
+ABLATIONS: tuple[Ablation, ...] = get_args(Ablation)
 
 
 @dataclass
@@ -42,7 +44,7 @@ class KeptCircuit:
     clean: Float[Tensor, " batch"]
     ablated_all: Float[Tensor, " batch"]
     recovered: Float[Tensor, " batch"]
-    ablation: str
+    ablation: Ablation
     n_forwards: int
     clean_check: Float[Tensor, " batch"]  # the "keep everything" row: must equal clean
 
@@ -58,19 +60,13 @@ class FaithfulnessCurve:
     recovered: Float[Tensor, "fraction batch"]
     n_forwards: int
 
-    def plot(self, label: str = "") -> Any:
-        """The mean recovered share against the fraction of edges kept (matplotlib Figure)."""
-        from tl_normmix.render import plots
-
-        return plots.faithfulness([(label or "scores", self)])
-
 
 def keep_only(
     model: Any,
     tokens: Tensor,
     E: EdgeSet,
     metric: Metric,
-    ablation: str = "remove",
+    ablation: Ablation = "remove",
     source_tokens: Tensor | None = None,
     attention_mask: Tensor | None = None,
 ) -> KeptCircuit:
@@ -107,7 +103,7 @@ def faithfulness_curve(
     scores: Tensor,
     fractions: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
     *,
-    ablation: str = "remove",
+    ablation: Ablation = "remove",
     source_tokens: Tensor | None = None,
     attention_mask: Tensor | None = None,
 ) -> FaithfulnessCurve:
@@ -177,7 +173,7 @@ def _run_kept(
     inputs: Any,
     masks: Bool[Tensor, "layer rows head query key"],
     metric: Metric,
-    ablation: str,
+    ablation: Ablation,
     source_tokens: Tensor | None,
     blocks: int,
 ) -> tuple[list[Tensor], int]:
@@ -258,7 +254,7 @@ def _with_pattern(
 
 
 def _background(
-    ed: Editor, ablation: str, source_tokens: Tensor | None, inputs: Any, blocks: int
+    ed: Editor, ablation: Ablation, source_tokens: Tensor | None, inputs: Any, blocks: int
 ) -> Any:
     """What ablated edges contribute: nothing (``remove``), or the source run's terms (``patch``)
     or their mean over a reference batch (``mean``), as ``f(layer, keep mask) -> Δz``."""

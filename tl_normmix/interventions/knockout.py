@@ -28,25 +28,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_normmix import memory
 from tl_normmix.interventions.edges import Edge, EdgeSet
+from tl_normmix.interventions.run import Metric, RunInputs, capture, prepare, resolve_rows
 from tl_normmix.maps import MixingMaps
 from tl_normmix.models.editing import Editor, editor, reads_hidden
 from tl_normmix.models.prefix import Prefix, Prefixes
 
-__all__ = ["MODES", "KnockOut", "RunInputs", "knock_out", "prepare"]
+__all__ = ["MODES", "KnockOut", "Mode", "knock_out"]
 
-MODES = ("remove", "renormalize", "patch", "mean")
-
-#: Activation memory one forward of a batch of edits aims at (``batch_size=None``).
-DEFAULT_BUDGET_BYTES = 512 * 2**20
-
-Metric = Callable[[Tensor], Tensor]
+#: How an edge is intervened on (module docstring).
+Mode = Literal["remove", "renormalize", "patch", "mean"]
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 @dataclass
@@ -57,7 +56,7 @@ class KnockOut:
 
     effect: Float[Tensor, "edge batch"]
     edges: list[Edge]
-    mode: str
+    mode: Mode
     convention: str
     n_forwards: int
     clean: Float[Tensor, " batch"]
@@ -100,97 +99,12 @@ class KnockOut:
         )
 
 
-@dataclass
-class RunInputs:
-    """Tokens, padding and the clean run's quantities an intervention reads."""
-
-    tokens: Tensor  # [batch, pos]
-    mask: Tensor  # [batch, pos] bool
-    attention_mask: Tensor | None  # as given (passed to the model)
-    clean_out: Tensor  # logits or final hidden states
-    clean_metric: Tensor  # [batch]
-    cache: dict[str, Tensor]  # clean hooks (pattern, v, z, resid_pre) of the needed layers
-
-
-def prepare(
-    ed: Editor,
-    tokens: Tensor,
-    metric: Metric,
-    layers: Sequence[int],
-    attention_mask: Tensor | None,
-) -> RunInputs:
-    """One clean forward caching what edits of ``layers`` read, and the clean metric."""
-    tokens = tokens if tokens.ndim == 2 else tokens[None]
-    tokens = tokens.to(ed.device)
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != tuple(tokens.shape):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but tokens "
-                f"{tuple(tokens.shape)}."
-            )
-        mask = attention_mask.to(ed.device).bool()
-    names = sorted(frozenset(ed.clean_hooks(layers)))
-    cache: dict[str, Tensor] = {}
-    with torch.no_grad():
-        out = ed.run(
-            tokens,
-            [(name, capture(cache, name)) for name in names],
-            attention_mask=attention_mask,
-            hidden=reads_hidden(metric),
-        )
-    clean = check_metric(metric, out, tokens.shape[0])
-    return RunInputs(tokens, mask, attention_mask, out, clean, cache)
-
-
-def capture(cache: dict[str, Tensor], name: str) -> Callable[[Tensor, Any], None]:
-    """A read-only hook storing its tensor under ``name`` (aliases keep the asked name). It
-    returns None, so hook points that convert shapes leave the model's tensor untouched."""
-
-    def keep(tensor: Tensor, hook: Any) -> None:
-        cache[name] = tensor.detach()
-
-    return keep
-
-
-def check_metric(metric: Metric, out: Tensor, batch: int) -> Tensor:
-    value = metric(out)
-    if not isinstance(value, Tensor) or tuple(value.shape) != (batch,):
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"metric must map the model output {tuple(out.shape)} to one value per batch row "
-            f"({batch},), got {shape}. E.g. lambda logits: logits[:, -1].log_softmax(-1)[:, t]."
-        )
-    return value.detach().float()
-
-
-def resolve_rows(
-    edges: Sequence[Edge], mask: Tensor, causal: bool
-) -> list[dict[int, tuple[int, int]]]:
-    """Per edge: ``{batch row: (i, j)}`` absolute positions where the edge exists (positions
-    count the row's real tokens; negatives from its last real token)."""
-    real = [row.nonzero().flatten().tolist() for row in mask]
-    out = []
-    for edge in edges:
-        rows: dict[int, tuple[int, int]] = {}
-        for b, positions in enumerate(real):
-            n = len(positions)
-            if not (-n <= edge.receiver < n and -n <= edge.source < n):
-                continue
-            i, j = positions[edge.receiver], positions[edge.source]
-            if causal and j > i:
-                continue
-            rows[b] = (i, j)
-        out.append(rows)
-    return out
-
-
 def knock_out(
     model: Any,
     tokens: Tensor,
     E: EdgeSet,
     metric: Metric,
-    mode: str = "remove",
+    mode: Mode = "remove",
     source_tokens: Tensor | None = None,
     batch_size: int | None = None,
     attention_mask: Tensor | None = None,
@@ -205,7 +119,8 @@ def knock_out(
             ``nm.on_hidden_states`` it reads the last block's output instead (encoders).
         mode: ``remove``, ``renormalize``, ``patch`` (needs ``source_tokens`` of the same shape)
             or ``mean`` (needs ``source_tokens``: the reference batch, same length).
-        batch_size: rows per forward (default: fit 512 MiB of activations).
+        batch_size: rows per forward (default: as many as fill the memory budget,
+            ``tl_normmix.memory``).
         attention_mask: ``[batch, pos]`` padding mask (1 = token), passed to the model.
     """
     if mode not in MODES:
@@ -267,16 +182,15 @@ def knock_out(
 
 
 def _default_rows(ed: Editor, pos: int, positions: int) -> int:
-    """Rows per forward that fit ``DEFAULT_BUDGET_BYTES`` when each row runs ``positions`` of
-    its ``pos`` tokens (the rest read from a copy of the clean keys and values). The copy is
-    counted per query head although the caches hold key-value heads: what the forward holds
-    beyond this count is of that size (SmolLM2's IOI sweep counted per key-value head peaked at
-    717 MiB, 1.4× the budget; per query head at 242 MiB)."""
+    """Rows per forward that fill the memory budget when each row runs ``positions`` of its
+    ``pos`` tokens (the rest read from a copy of the clean keys and values). The copy is counted
+    per query head although the caches hold key-value heads: what the forward holds beyond this
+    count is of that size (``scripts/bench_patching.py`` measures the peak)."""
     block = ed.adapter.spec.block
     vocab = int(getattr(ed.model.cfg, "d_vocab", 0) or 0)
     activations = 4 * positions * (16 * block.d_model + 4 * block.n_heads * pos + vocab)
     past = 8 * ed.n_layers * (pos - positions) * block.n_heads * block.d_head  # K and V
-    return max(1, DEFAULT_BUDGET_BYTES // (activations + past))
+    return memory.rows_per_chunk(activations + past, 2**31, what="knock_out rows per forward")
 
 
 def _by_first_receiver(
@@ -297,7 +211,7 @@ class _Runner:
     def __init__(
         self,
         ed: Editor,
-        mode: str,
+        mode: Mode,
         inputs: RunInputs,
         source: _Source | None,
         edges: list[Edge],
@@ -393,7 +307,7 @@ class _Source:
 
 def _source_terms(
     ed: Editor,
-    mode: str,
+    mode: Mode,
     source_tokens: Tensor | None,
     inputs: RunInputs,
     layers: Sequence[int],
@@ -432,7 +346,7 @@ class _EditHook:
     def __init__(
         self,
         ed: Editor,
-        mode: str,
+        mode: Mode,
         inputs: RunInputs,
         source: _Source | None,
         layer: int,

@@ -21,26 +21,21 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
+from tl_normmix import memory
 from tl_normmix.decompose import attention
 from tl_normmix.decompose.block_tail import RemovalTail, block_output, parallel_branch
 from tl_normmix.decompose.blocks import LayerTensors, NormSpec
 from tl_normmix.decompose.whole_layer import hidden_width
-from tl_normmix.head_maps import HeadMaps
-from tl_normmix.layer_engine import resolve_mask
-from tl_normmix.maps import MixingMaps
+from tl_normmix.maps import SCOPES, MixingMaps
+from tl_normmix.maps.mask import resolve_mask
+from tl_normmix.maps.method import check_roles
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.editing import editor
-from tl_normmix.scopes import SCOPES, check_roles, scope_roles
 
 __all__ = ["value_zeroing", "zeroing_scores"]
-
-#: Working memory of one chunk of sources (float32 floats of the edited block tails). Chunks near
-#: the size of the CPU's last-level cache measure fastest (MiniLM, 512 tokens: 2**20 to 2**23
-#: floats within 5% of each other, 2**26 1.35× slower).
-_BUDGET_FLOATS = 4 * 2**20
 
 
 @torch.no_grad()
@@ -82,7 +77,7 @@ def value_zeroing(
         raise ValueError(
             f"{adapter.spec.model_name} has no final norm (ln_final) to compare after."
         )
-    roles = scope_roles(SCOPES["layer_n"], layout) | {"pattern", "v", "attn_out"}
+    roles = SCOPES["layer_n"].roles(layout) | {"pattern", "v", "attn_out"}
     optional = frozenset(
         r for r in check_roles([SCOPES["layer_n"]], layout) - roles if adapter.has_role(r)
     )
@@ -129,7 +124,7 @@ def value_zeroing(
     return MixingMaps(
         layers=tuple(layer_list),
         maps={"vz": scores},
-        heads=HeadMaps((), [], None),
+        heads={},
         ratios={"vz": ratios},
         mask=mask,
         convention=adapter.spec.convention,
@@ -161,7 +156,8 @@ def zeroing_scores(
     tail = RemovalTail(t, resid, attn, f, branch, fold=fold)
     batch, n, d = resid.shape
     width = d * 4 + hidden_width(t.mlp)
-    chunk = max(1, min(n, _BUDGET_FLOATS // max(1, batch * n * width)))
+    # chunks of sources the CPU's cache holds measure fastest (scripts/bench_methods.py)
+    chunk = memory.rows_per_chunk(4 * batch * n * width, n, budget_bytes=memory.CACHE_BLOCK_BYTES)
     out = resid.new_zeros(batch, n, n)
     reached = (pattern != 0).any(dim=1).any(dim=0)  # [query, key]: any head, any batch row
     for start in range(0, n, chunk):

@@ -350,6 +350,25 @@ class ModelAdapter:
             )
         return W_V, b_V
 
+    def next_norm(self, layer: int) -> tuple[str, NormSpec]:
+        """The first norm that reads the stream after ``layer``'s feed-forward output: its own
+        (sandwich), the block's post norm (post-LN), the next block's first norm or the final
+        norm; as ``(its module path, its spec)``."""
+        layout = self.layout
+        for chain in (layout.mlp_out, layout.post):
+            names = [n for n in chain if n != MULTIPLIER]
+            if names:
+                spec = norm_spec(self.model, self.structure, layer, names[0])
+                return f"blocks.{layer}.{names[0]}", spec
+        following = [n for n in (*layout.attn_in, *layout.attn_out) if n != MULTIPLIER]
+        if layer + 1 < self.spec.n_layers and following:
+            spec = norm_spec(self.model, self.structure, layer + 1, following[0])
+            return f"blocks.{layer + 1}.{following[0]}", spec
+        final = self.final_norm()
+        if final is None:
+            raise ValueError(f"No norm reads the stream after layer {layer}'s feed-forward block.")
+        return "ln_final", final
+
     def final_norm(self) -> NormSpec | None:
         """The norm after the last block (``ln_final``), None if the model has none."""
         return final_norm_spec(self.model, self.structure)

@@ -16,6 +16,7 @@ TransformerLens's is not exact on BERT or BLOOM) and returns logits or the final
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,23 +28,39 @@ from torch import Tensor
 from tl_normmix.models.adapter import ModelAdapter, adapt
 from tl_normmix.models.errors import UnsupportedModelError
 
-__all__ = ["Editor", "editor", "on_hidden_states"]
+__all__ = ["Editor", "HiddenStateMetric", "editor", "on_hidden_states", "reads_hidden"]
 
 Hook = tuple[str, Callable[..., Any]]
 
 
-def on_hidden_states(metric: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """Mark ``metric`` as reading the final hidden states ``[batch, pos, d_model]`` (the last
-    block's output) instead of the logits: for encoders without a trained head.
+class HiddenStateMetric:
+    """A metric that reads the final hidden states ``[batch, pos, d_model]`` (the last block's
+    output) instead of the logits (``on_hidden_states``)."""
+
+    def __init__(self, metric: Callable[[Tensor], Tensor]) -> None:
+        self.metric = metric
+        functools.update_wrapper(self, metric)
+
+    def __call__(self, hidden: Tensor, /) -> Tensor:
+        return self.metric(hidden)
+
+
+def on_hidden_states(metric: Callable[[Tensor], Tensor]) -> HiddenStateMetric:
+    """``metric`` reading the final hidden states ``[batch, pos, d_model]`` (the last block's
+    output) instead of the logits: for encoders without a trained head.
 
     >>> metric = nm.on_hidden_states(lambda h: h[:, 0].norm(dim=-1))  # doctest: +SKIP
     """
-    metric.reads = "hidden"  # type: ignore[attr-defined]
-    return metric
+    return HiddenStateMetric(metric)
 
 
 def reads_hidden(metric: Callable[[Tensor], Tensor]) -> bool:
-    return getattr(metric, "reads", "logits") == "hidden"
+    """Whether ``metric`` reads the final hidden states (``on_hidden_states``)."""
+    return isinstance(metric, HiddenStateMetric)
+
+
+class _Finished(Exception):
+    """Ends a forward from inside a hook (``Editor.run_until``)."""
 
 
 @dataclass
@@ -183,6 +200,33 @@ class Editor:
         if hidden:
             return captured["hidden"]
         return out if isinstance(out, Tensor) else out.logits
+
+    def run_until(
+        self,
+        tokens: Tensor,
+        hooks: Sequence[Hook],
+        done: Callable[[], bool],
+        *,
+        attention_mask: Tensor | None = None,
+    ) -> bool:
+        """One forward with ``hooks`` that ends as soon as ``done()`` holds after a hook has run
+        (no later block, no unembedding); True if it ended early."""
+
+        def watched(hook_fn: Callable[..., Any]) -> Callable[..., Any]:
+            def run(tensor: Tensor, hook: Any) -> Any:
+                out = hook_fn(tensor, hook)
+                if done():
+                    raise _Finished
+                return out
+
+            return run
+
+        try:
+            with self.model.hooks(fwd_hooks=[(name, watched(fn)) for name, fn in hooks]):
+                self.model(tokens, return_type=None, **self.mask_kwargs(attention_mask))
+        except _Finished:
+            return True
+        return False
 
     def start_is_exact(
         self, tokens: Tensor, attention_mask: Tensor | None, resid: dict[int, Tensor], clean: Tensor

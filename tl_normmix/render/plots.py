@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from tl_normmix.analysis import contextualization_change
+from tl_normmix.analysis.summary import mixing_ratio_stats, sink_share
+from tl_normmix.analysis.whole_layer import contextualization_change
 from tl_normmix.maps import MixingMaps
 from tl_normmix.render.page import Block
-from tl_normmix.summary import mixing_ratio_stats, sink_share
 
 __all__ = [
     "agreement",

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from tl_normmix.aggregate import rollout as rollout_of
+from tl_normmix.aggregate.rollouts import rollout as rollout_of
 from tl_normmix.maps import MixingMaps
 from tl_normmix.render.page import Row, View
 

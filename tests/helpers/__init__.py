@@ -1,0 +1,1 @@
+"""Helpers of the tests: tiny models, direct references, handmade maps, shared checks."""

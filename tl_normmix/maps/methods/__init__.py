@@ -1,0 +1,1 @@
+"""The registry's entries by family, each beside the kernel that computes it."""
