@@ -5,8 +5,8 @@ For a model and EWT dev + test (or the first ``--sentences``), in one process:
 * **forward only**: the same padded batches ``nm.corpus`` builds, through
   ``model.run_with_cache(tokens, names_filter=hook_filter(model, scopes))`` — nothing else;
 * **analysis**: ``ChunkAnalyser.run`` on the same sentences (tokenise and align, the same
-  forward, ``mixing_maps``, the statistics of METHODS §6, top-k exemplars), with its own split
-  of the time into prepare / forward / maps / statistics.
+  forward, ``mixing_maps``, the statistics of methods.md#corpus-statistics, top-k exemplars), with
+  its own split of the time into prepare / forward / maps / statistics.
 
 Prints sentences per second and the ratio (analysis − forward) / forward, per scope set.
 

@@ -3,7 +3,8 @@
 For each sentence (the ``# text =`` lines of EWT dev, read from ``../shared/data/ud``) the
 model runs once with only the hooks the five attention-block scopes need; then, per layer:
 
-* the mixing ratio of every scope (METHODS §2), mean / max / min over all real tokens;
+* the mixing ratio of every scope (methods.md#residual-and-layer-norm), mean / max / min over all
+real tokens;
 * the share of attention weight (``attn_w``) and of norm-based attention (``attn_n``) received by
   the sink token (position 0: [CLS] for BERT, the first token for SmolLM2), averaged over queries.
 

@@ -1,4 +1,5 @@
-"""Whole-layer tables on a real model over UD English-EWT dev sentences (METHODS §3).
+"""Whole-layer tables on a real model over UD English-EWT dev sentences
+(methods.md#the-feed-forward-block).
 
 For each sentence (the ``# text =`` lines of EWT dev, read from ``../shared/data/ud``) the model
 runs once with only the hooks the whole-layer scopes need; then, per layer:

@@ -63,8 +63,8 @@ def test_identities_hold_on_real_weights(named):
 
 @pytest.mark.parametrize("scope", test_residual.NORM_SCOPES)
 def test_completeness_on_real_weights(real, scope):
-    """METHODS §2 identities on every layer of the real models (attnresln_n: LN1 in BERT, LN2
-    in Llama)."""
+    """methods.md#residual-and-layer-norm identities on every layer of the real models (attnresln_n:
+    LN1 in BERT, LN2 in Llama)."""
     toks = real.to_tokens(SENTENCES[1])
     mask = torch.ones(toks.shape, dtype=torch.bool)
     _, layers = read_layers(real, toks)

@@ -7,6 +7,10 @@
 >>> nm.views.heads(maps, "attn_w", layer=0)        # CircuitsVis, offline; nm.plots: matplotlib
 """
 
+import logging as _logging
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from tl_normmix import analysis, corpus, memory
 from tl_normmix.aggregate import ModelDecomposition, decompose_model, rollout
 from tl_normmix.analysis import AmplifiedPair, contextualization_change, diff, ff_amplified_pairs
@@ -43,6 +47,15 @@ from tl_normmix.models import (
 )
 from tl_normmix.render import plots, views
 
+# The library logs its fallbacks and choices (INFO) but shows nothing unless asked:
+# logging.basicConfig(level=logging.INFO), or a handler on logging.getLogger("tl_normmix").
+_logging.getLogger("tl_normmix").addHandler(_logging.NullHandler())
+
+try:
+    __version__ = _version("tl_normmix")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "SCOPES",
     "Agreement",
@@ -62,6 +75,7 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedScopeError",
     "VerificationError",
+    "__version__",
     "adapt",
     "agreement",
     "analysis",

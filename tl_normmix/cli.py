@@ -1,10 +1,8 @@
-"""Command line: ``tl-normmix report`` (the HTML report), ``tl-normmix patch`` (maps beside exact
-edge interventions, HTML), ``tl-normmix summary`` (a table) and ``tl-normmix corpus analyse |
-status | reduce | report`` (the corpus analyses of METHODS §6).
+"""The command line: ``tl-normmix report | patch | summary | corpus``.
 
-Both load the model (see ``tl_normmix.load_model`` for the accepted references), run it once with
-only the hooks they need, and either write a self-contained HTML report or print the per-layer
-summary of attention weights and value norms. Errors print one line and exit with status 2.
+Every subcommand that runs a model loads it (``tl_normmix.load_model``: a packaged name, a local
+folder, a ``.gguf`` file or a hub name) on ``--device`` in ``--dtype``. Exit status: 0 done, 1 a
+runtime error (one line naming the fix, no traceback), 2 a usage error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,72 +10,155 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "parser"]
+
+DESCRIPTION = (
+    "Context-mixing maps of TransformerLens models. 'report' writes the HTML report of one text "
+    "(maps by weight and by norm, through the residual, the layer norm and the feed-forward "
+    "block, and the peers' methods); 'patch' puts the maps beside exact edge interventions; "
+    "'summary' prints a per-layer table; 'corpus' runs Clark et al. and Vig & Belinkov's "
+    "analyses over CoNLL-U treebanks (analyse, status, reduce, report)."
+)
 
 MODEL_HELP = (
     "a packaged model (all-MiniLM-L6-v2, SmolLM2-135M), a local transformers folder, "
     "a .gguf file, or a Hugging Face hub name"
 )
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+class CommandError(Exception):
+    """A runtime error the command line reports in one line (exit status 1)."""
+
+
+def _version() -> str:
+    from tl_normmix import __version__
+
+    return __version__
+
+
+def _scope_list(text: str) -> list[str]:
+    """``--scopes a,b`` → ``["a", "b"]``, each a registered scope."""
+    from tl_normmix.maps.scopes import SCOPES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SCOPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scope(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SCOPES)}"
+        )
+    return names
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers like 0,3,5") from None
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {DEVICES}")
+    return text
+
+
+def _scope_help(default: str) -> str:
+    from tl_normmix.maps.scopes import SCOPES
+
+    return f"comma-separated scopes from {', '.join(SCOPES)} (default: {default})"
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
-    text = parser.add_mutually_exclusive_group(required=True)
-    text.add_argument("--text", help="the input text")
-    text.add_argument("--text-file", help="a file holding the input text")
-    parser.add_argument("--layers", help="comma-separated layers (default: all)")
+    parser.add_argument(
+        "--device", type=_device, default="auto", help=f"where the model runs: {DEVICES}"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's dtype")
     parser.add_argument(
         "--compatibility-mode",
         action="store_true",
-        help="TransformerLens 4.x: process weights (fold LN, centre) before computing",
+        help="TransformerLens 4.x: process the weights (fold layer norms, centre) first",
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl-normmix", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    report = commands.add_parser("report", help="a self-contained HTML report of one text")
-    _common(report)
+def _text_options(parser: argparse.ArgumentParser) -> None:
+    text = parser.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the input text")
+    text.add_argument("--text-file", help="a file holding the input text")
+    parser.add_argument("--layers", type=_layer_list, help="comma-separated layers (default: all)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser (its help is the docs' CLI reference)."""
+    top = argparse.ArgumentParser(prog="tl-normmix", description=DESCRIPTION)
+    top.add_argument("--version", action="version", version=f"tl-normmix {_version()}")
+    commands = top.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report",
+        help="a self-contained HTML report of one text",
+        description="Writes one offline HTML page: the maps of the chosen scopes per layer, the "
+        "per-head maps by weight and by norm, value norms, plots and the peers' methods.",
+    )
+    _model_options(report)
+    _text_options(report)
     report.add_argument("--out", required=True, help="the HTML file to write")
     report.add_argument(
         "--scopes",
-        help="comma-separated scopes (default: attn_w,attn_n,attnres_n,"
-        "attnresln_n,layer_n, as the block allows)",
+        type=_scope_list,
+        help=_scope_help("attn_w,attn_n,attnres_n,attnresln_n,layer_n, as the block allows"),
     )
     report.add_argument(
         "--truncate", action="store_true", help="keep the first n_ctx tokens of a longer text"
     )
     report.add_argument("--quiet", action="store_true", help="no progress bar")
-    summary = commands.add_parser("summary", help="per-layer attention weight / value norm table")
-    _common(summary)
+    summary = commands.add_parser(
+        "summary",
+        help="a per-layer table of attention weights and value norms",
+        description="Prints, per layer, the mixing ratio by weight, the most attended token and "
+        "its value norm against the others'.",
+    )
+    _model_options(summary)
+    _text_options(summary)
     patch = commands.add_parser(
-        "patch", help="maps beside exact edge interventions for one text (offline HTML)"
+        "patch",
+        help="maps beside exact edge interventions for one text (offline HTML)",
+        description="Writes one offline HTML page: how well each map ranks the exact effects of "
+        "removing each edge into the last token, faithfulness curves, and the effects beside "
+        "the maps per layer.",
     )
-    _common(patch)
+    _model_options(patch)
+    _text_options(patch)
     patch.add_argument("--out", required=True, help="the HTML file to write")
-    patch.add_argument(
-        "--scopes", help="comma-separated scopes to compare (default: attn_w,attn_n,attnres_n)"
-    )
+    patch.add_argument("--scopes", type=_scope_list, help=_scope_help("attn_w,attn_n,attnres_n"))
+    patch.add_argument("--quiet", action="store_true", help="no progress bar")
     _corpus_parser(commands)
-    return parser
+    return top
 
 
 def _corpus_parser(commands: Any) -> None:
     corpus = commands.add_parser(
-        "corpus", help="Clark / Vig & Belinkov analyses over CoNLL-U files"
+        "corpus",
+        help="Clark / Vig & Belinkov analyses over CoNLL-U files",
+        description="Runs the corpus analyses into a run folder that can be resumed, sharded "
+        "and reduced, and writes its report.",
     )
     sub = corpus.add_subparsers(dest="corpus_command", required=True)
     run = sub.add_parser("analyse", help="run (or resume) the analyses into DIR")
     run.add_argument("--model", required=True, help=MODEL_HELP)
     run.add_argument("--conllu", required=True, nargs="+", help="CoNLL-U files, in order")
     run.add_argument("--out", required=True, help="the run directory (resumed if it exists)")
-    run.add_argument("--scopes", default="attn_w,attn_n", help="comma-separated scopes")
+    run.add_argument(
+        "--scopes", type=_scope_list, default="attn_w,attn_n", help=_scope_help("attn_w,attn_n")
+    )
     _config_options(run)
     status = sub.add_parser("status", help="chunks done / total, fingerprint")
     status.add_argument("dir")
@@ -97,84 +178,108 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if hints[f.name] is bool:  # a switch that flips the default
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action="store_false" if f.default else "store_true",
-                help=help_text,
-            )
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, help=help_text)
             continue
         kind = hints[f.name]
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        convert = _device if f.name == "device" else str if choices else scalar
         parser.add_argument(
-            flag,
-            dest=f.name,
-            type=str if choices else scalar,
-            choices=choices,
-            default=f.default,
-            help=help_text,
+            flag, dest=f.name, type=convert, choices=choices, default=f.default, help=help_text
         )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    command: dict[str, Callable[[argparse.Namespace], int]] = {
+        "report": _report,
+        "summary": _summary,
+        "patch": _patch,
+        "corpus": _corpus,
+    }
+    resumable = args.command == "corpus" and args.corpus_command == "analyse"
     try:
-        command = {"report": _report, "summary": _summary, "patch": _patch, "corpus": _corpus}
         return command[args.command](args)
     except KeyboardInterrupt:
-        print(
-            "tl-normmix: interrupted; the chunks committed so far are kept: run the same "
-            "command again to resume.",
-            file=sys.stderr,
+        kept = (
+            "; the chunks committed so far are kept: run the same command again to resume"
+            if resumable
+            else ""
         )
+        print(f"tl-normmix: interrupted{kept}.", file=sys.stderr)
         return 130
-    except (ValueError, LookupError, OSError, NotImplementedError, ImportError, MemoryError) as err:
-        print(f"tl-normmix: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # every runtime error: one line, the fix named, no traceback
+        message = _runtime_message(err, args)
+        if message is None:
+            raise
+        print(f"tl-normmix: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _runtime_message(err: Exception, args: argparse.Namespace) -> str | None:
+    """The one line for a runtime error (None: a bug, shown with its traceback)."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        lower = "--batch-size" if args.command == "corpus" else "--layers or a shorter text"
+        return (
+            f"out of GPU memory ({str(err).splitlines()[0]}); lower {lower}, or use "
+            "--dtype bfloat16 or --device cpu."
+        )
+    expected = (
+        CommandError,
+        ValueError,
+        LookupError,
+        OSError,
+        NotImplementedError,
+        ImportError,
+        MemoryError,
+        TypeError,
+    )
+    if isinstance(err, expected):
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
+
+
+def _load(args: argparse.Namespace) -> Any:
+    import torch
+
+    import tl_normmix as nm
+    from tl_normmix.corpus.chunk import resolve_device
+
+    return nm.load_model(
+        args.model,
+        dtype=getattr(torch, args.dtype),
+        device=resolve_device(args.device),
+        compatibility_mode=args.compatibility_mode,
+    )
 
 
 def _text(args: argparse.Namespace) -> str:
-    if args.text_file is not None:
-        with open(args.text_file, encoding="utf-8") as handle:
-            text = handle.read()
-    else:
-        text = args.text
     from tl_normmix.reports.io import check_text
 
-    return check_text(text)
-
-
-def _scopes(text: str | None) -> list[str] | None:
-    """``--scopes a,b`` → ``["a", "b"]``; None when not given."""
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
-def _layers(args: argparse.Namespace) -> list[int] | None:
-    if not args.layers:
-        return None
-    try:
-        return [int(x) for x in args.layers.split(",")]
-    except ValueError:
-        raise ValueError(f"--layers {args.layers!r}: expected integers like 0,3,5.") from None
+    if args.text_file is not None:
+        with open(args.text_file, encoding="utf-8") as handle:
+            return check_text(handle.read())
+    return check_text(args.text)
 
 
 def _report(args: argparse.Namespace) -> int:
-    import tl_normmix as nm
     from tl_normmix.reports.io import check_output_path, tokenize, write_atomic
     from tl_normmix.reports.report import build_report
 
     start = time.perf_counter()
     out = check_output_path(args.out)  # before any work
     text = _text(args)
-    layers = _layers(args)
-    scopes = _scopes(args.scopes)
     if not args.quiet:
         print(f"loading {args.model} ...", file=sys.stderr)
-    model = nm.load_model(args.model, compatibility_mode=args.compatibility_mode)
+    model = _load(args)
     tokens = tokenize(model, text, truncate=args.truncate)
-    document = build_report(model, tokens, scopes=scopes, layers=layers, progress=not args.quiet)
+    document = build_report(
+        model, tokens, scopes=args.scopes, layers=args.layers, progress=not args.quiet
+    )
     write_atomic(out, document)
     size = out.stat().st_size / 2**20
     seconds = time.perf_counter() - start
@@ -183,22 +288,18 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _patch(args: argparse.Namespace) -> int:
-    import tl_normmix as nm
     from tl_normmix.reports.io import check_output_path, tokenize, write_atomic
     from tl_normmix.reports.patch_report import build_patch_report
 
     start = time.perf_counter()
     out = check_output_path(args.out)  # before any work
     text = _text(args)
-    scopes = _scopes(args.scopes)
-    model = nm.load_model(args.model, compatibility_mode=args.compatibility_mode)
+    model = _load(args)
     tokens = tokenize(model, text)
-    page = (
-        build_patch_report(model, tokens, scopes=scopes)
-        if scopes
-        else build_patch_report(model, tokens)
-    )
-    write_atomic(out, page)
+    options: dict[str, Any] = {"progress": not args.quiet}
+    if args.scopes:
+        options["scopes"] = args.scopes
+    write_atomic(out, build_patch_report(model, tokens, **options))
     size = out.stat().st_size / 2**20
     seconds = time.perf_counter() - start
     print(f"wrote {out} ({size:.1f} MiB, {tokens.shape[-1]} tokens) in {seconds:.1f} s")
@@ -236,7 +337,7 @@ def _corpus(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
         return 0
     start = time.perf_counter()
-    scopes = _scopes(args.scopes) or []
+    scopes = args.scopes if isinstance(args.scopes, list) else _scope_list(args.scopes)
     config = corpus.CorpusConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(corpus.CorpusConfig)}
     )
@@ -261,13 +362,14 @@ def _summary(args: argparse.Namespace) -> int:
     from tl_normmix.analysis.summary import format_table, layer_summary
 
     text = _text(args)
-    layers = _layers(args)
-    model = nm.load_model(args.model, compatibility_mode=args.compatibility_mode)
+    model = _load(args)
     tokens = model.to_tokens(text)
     names = nm.hook_filter(model, "attn_w", value_norms=True)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names)
-    maps = nm.mixing_maps(model, cache, "attn_w", layers=layers, tokens=tokens, value_norms=True)
+    maps = nm.mixing_maps(
+        model, cache, "attn_w", layers=args.layers, tokens=tokens, value_norms=True
+    )
     spec = nm.adapt(model).spec
     print(
         f"model: {spec.model_name} ({spec.architecture}, {spec.block.layout.name} blocks, "

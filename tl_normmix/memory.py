@@ -16,7 +16,8 @@ Rules:
 * A chunk size the user chose is kept, unless it cannot fit in what is free: then ``MemoryError``
   names the size that would fit.
 
-Every choice is logged at INFO level on ``logging.getLogger("tl_normmix")``.
+Choices are logged on ``logging.getLogger("tl_normmix")``: a chunk capped by free memory at
+INFO, every chunk size at DEBUG.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ __all__ = [
 logger = logging.getLogger("tl_normmix")
 
 #: Working memory one chunk of work aims at, whatever the engine.
-DEFAULT_BUDGET_BYTES = 256 * 2**20
+DEFAULT_BUDGET_BYTES = 512 * 2**20
 
 #: Blocks that a tight loop re-reads: what a CPU's cache holds.
 CACHE_BLOCK_BYTES = 4 * 2**20
@@ -89,15 +90,17 @@ def rows_per_chunk(
     device: torch.device | str | None = None,
     budget_bytes: int | None = None,
     minimum: int = 1,
+    chunks: int = 1,
     fixed_bytes: int = 0,
     what: str = "",
 ) -> int:
     """How many of ``rows`` rows of ``row_bytes`` each one chunk holds: as many as fill the budget
-    (``budget_bytes``, default ``budget()``), at least ``minimum``, at most ``rows``, and — where
-    ``device`` is given and its free memory known — never more than fit in half of what is free
-    beside ``fixed_bytes`` held for the whole pass."""
+    (``budget_bytes``, default ``budget()``), at least ``minimum``, at most ``rows / chunks``
+    (engines that skip work per chunk — the keys after a chunk's last receiver in causal models
+    — want several chunks), and — where ``device`` is given and its free memory known — never
+    more than fit in half of what is free beside ``fixed_bytes`` held for the whole pass."""
     target = budget() if budget_bytes is None else budget_bytes
-    chunk = max(minimum, target // max(1, row_bytes))
+    chunk = max(minimum, min(target // max(1, row_bytes), -(-rows // chunks)))
     if device is not None:
         free = free_bytes(device)
         if free is not None:
@@ -113,7 +116,7 @@ def rows_per_chunk(
             chunk = min(chunk, max(1, fits))
     chunk = max(1, min(rows, chunk))
     if what:
-        logger.info("%s: %d of %d rows per chunk (%d bytes a row)", what, chunk, rows, row_bytes)
+        logger.debug("%s: %d of %d rows per chunk (%d bytes a row)", what, chunk, rows, row_bytes)
     return chunk
 
 

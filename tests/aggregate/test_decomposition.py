@@ -1,4 +1,5 @@
-"""``decompose_model`` (METHODS §4): the exact whole-model decomposition, on every family and mode.
+"""``decompose_model`` (methods.md#the-peers-methods): the exact whole-model decomposition, on every
+family and mode.
 
 * completeness at every block: the parts plus the bias terms rebuild the cached block output at
   1e-5 relative in float32 (a mixture-of-experts router that switches experts along the path

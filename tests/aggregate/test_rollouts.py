@@ -1,4 +1,5 @@
-"""Rollout (METHODS §4) against explicit matrix products, per scope default and padding."""
+"""Rollout (methods.md#the-peers-methods) against explicit matrix products, per scope default and
+padding."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Contextualization change and FF amplification (METHODS §3) on hand-built and tiny-model maps.
+"""Contextualization change and FF amplification (methods.md#the-feed-forward-block) on hand-built
+and tiny-model maps.
 
 Invariants:
   * ``spearman`` equals the Pearson correlation of tie-averaged ranks; with scipy installed it

@@ -54,7 +54,7 @@ def _case(seed: int, causal: bool):
 
 
 def _reference(maps, piece_word, special, head, relation, upos, causal):
-    """Loops, straight from METHODS §6."""
+    """Loops, straight from methods.md#corpus-statistics."""
     m, n, _ = maps.shape
     w = len(head)
     a = maps / maps.sum(-1, keepdims=True)

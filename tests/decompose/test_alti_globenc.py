@@ -1,4 +1,5 @@
-"""GlobEnc and ALTI (METHODS §4) against a direct reference that materialises every pair vector.
+"""GlobEnc and ALTI (methods.md#the-peers-methods) against a direct reference that materialises
+every pair vector.
 
 On every family and mode: the resultant ``y_i`` that ALTI's parts rebuild is the model's own
 (the stream after the attention branch, through the norms that read it); the fast ``alti`` map,

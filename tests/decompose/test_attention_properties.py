@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) for the pure tensor math of METHODS §0–2.
+"""Property-based tests (hypothesis) for the pure tensor math of methods.md#notation.
 
 Small random shapes (batch 1-2, heads 1-4, pos 1-6, d_head 1-4, d_model 2-8) and seeds are drawn
 by hypothesis; tensors are built in float64 from a seeded ``torch.Generator``. Invariants:

@@ -1,4 +1,5 @@
-"""Integrated gradients through the feed-forward block (METHODS §3): pure math, float64.
+"""Integrated gradients through the feed-forward block (methods.md#the-feed-forward-block): pure
+math, float64.
 
 Invariants:
   * the closed form (element-wise activations) equals a brute-force Riemann-sum IG computed with

@@ -1,4 +1,5 @@
-"""Attention-block maps (METHODS §1–2) against a direct reference and against the cache.
+"""Attention-block maps (methods.md#attention-weights-and-norms) against a direct reference and
+against the cache.
 
 The reference (``tests/reference.py``) materialises every per-pair vector F_i(x_j)
 ([batch, query, key, d_model]) through the layout's chains of norms, so it is obviously correct

@@ -1,4 +1,5 @@
-"""Whole-layer scopes (METHODS §3) against a direct reference and against the cache.
+"""Whole-layer scopes (methods.md#the-feed-forward-block) against a direct reference and against the
+cache.
 
 The reference (``tests/reference.py``) materialises every per-pair vector in float64: the
 feed-forward input parts u_ij, IG_ij by a brute-force Riemann sum with autograd, then the FF

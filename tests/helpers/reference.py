@@ -1,11 +1,11 @@
 """A direct, obviously-correct reference: every per-pair vector materialised (float64).
 
-For one layer's tensors (``read_layers``) and any layout: the attention parts
-``Σ_h α^h_ij f^h(x_j)`` ``[batch, i, j, d]``, pushed through the layout's chains of norms with each
-receiver's cached scale (METHODS §0), the residual added on the diagonal (§2), the feed-forward
-output split by a brute-force Riemann-sum integrated gradient with autograd (§3), and the rest of
-the block. Each stage comes with its bias terms (``[batch, i, d]``), so ``parts.sum(j) + bias``
-must equal what the model computed.
+For one layer's tensors (``read_layers``) and any layout: the attention parts ``Σ_h α^h_ij
+f^h(x_j)`` ``[batch, i, j, d]``, pushed through the layout's chains of norms with each receiver's
+cached scale (methods.md#notation), the residual added on the diagonal (§2), the feed-forward output
+split by a brute-force Riemann-sum integrated gradient with autograd (§3), and the rest of the
+block. Each stage comes with its bias terms (``[batch, i, d]``), so ``parts.sum(j) + bias`` must
+equal what the model computed.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def plus_residual(t, stage: Stage, extra: torch.Tensor | None = None) -> Stage:
 
 
 def attention_block(t, which: str, mask: torch.Tensor) -> Stage:
-    """``attn`` (the pure attention output), ``attn_res`` or ``attn_res_ln`` (METHODS §1–2)."""
+    """``attn`` (the pure attention output), ``attn_res`` or ``attn_res_ln``
+    (methods.md#attention-weights-and-norms)."""
     stage = attention(t, mask)
     if which == "attn":
         return stage
@@ -62,7 +63,7 @@ def attention_block(t, which: str, mask: torch.Tensor) -> Stage:
 
 def whole_layer(t, mask: torch.Tensor) -> dict[str, Stage]:
     """``ff`` (IG of the FF), ``res`` (+ its chain + RES2) and ``final`` (post-LN: + LN2), or
-    ``out`` only for parallel and attention-only blocks (METHODS §3)."""
+    ``out`` only for parallel and attention-only blocks (methods.md#the-feed-forward-block)."""
     layout = t.layout
     ff = _double_ff(t.mlp) if t.mlp is not None else None
     if layout.parallel or not layout.has_mlp:
@@ -141,7 +142,8 @@ def _double_ff(mlp):
     )
 
 
-# -- the peers' per-layer maps (METHODS §4) -------------------------------------------------------
+# -- the peers' per-layer maps (methods.md#the-peers-methods)
+# -------------------------------------------------------
 
 
 def globenc(t, mask: torch.Tensor) -> Stage:
@@ -195,9 +197,9 @@ def alti_routes(t, mask: torch.Tensor, floor: float = 0.0, eps: float = 0.0, fol
 
 
 def carried_block(t, W_V, b_V, stage: Stage, mask: torch.Tensor) -> Stage:
-    """One block on a stream given as parts over input tokens (METHODS §4, whole-model
-    decomposition), in float64 with every pair vector explicit: values split through the frozen
-    attention-input norm, mixed by the real weights, the rest of the block as ``whole_layer``
+    """One block on a stream given as parts over input tokens (methods.md#the-peers-methods,
+    whole-model decomposition), in float64 with every pair vector explicit: values split through the
+    frozen attention-input norm, mixed by the real weights, the rest of the block as ``whole_layer``
     with the stream's own parts in place of ``δ_ij x_i`` (the FF by the Riemann IG)."""
     layout = t.layout
     parts, bias = stage

@@ -1,5 +1,5 @@
-"""Exact token-edge interventions (METHODS §5): identities on every family of the installed
-TransformerLens.
+"""Exact token-edge interventions (methods.md#interventions-on-edges): identities on every family of
+the installed TransformerLens.
 
   * removing every source of receiver i in layer l leaves its attention output at b_O (all its
     z^h_i zero);

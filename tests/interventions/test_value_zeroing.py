@@ -1,4 +1,5 @@
-"""Value zeroing (METHODS §4) against one forward per (layer, source), on every family and mode.
+"""Value zeroing (methods.md#the-peers-methods) against one forward per (layer, source), on every
+family and mode.
 
 * the block's tail as a function (norms with recomputed scales, the feed-forward block) rebuilds
   the block output from its input and the attention output;
@@ -74,7 +75,7 @@ def test_chunks_of_one_source_change_nothing(monkeypatch, hf_root):
         model = build(case, hf_root)
         whole = nm.value_zeroing(model, toks)["vz"]
         with monkeypatch.context() as m:
-            m.setattr(memory, "CACHE_BLOCK_BYTES", 1)
+            m.setattr(memory, "CACHE_BLOCK_BYTES", 0)
             single = nm.value_zeroing(model, toks)["vz"]
         torch.testing.assert_close(single, whole, rtol=1e-5, atol=1e-6)
 

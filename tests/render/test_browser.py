@@ -112,3 +112,38 @@ def test_screenshot_is_not_blank(opened, which):
     ink = (pixels < 0.9).any(-1).mean()  # share of pixels that are not (near) white
     colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
     assert ink > 0.02 and colours > 50, (ink, colours)
+
+
+def test_a_saved_view_mounts_offline(tmp_path):
+    """``view.save(path)`` writes a page that renders on its own, with the network off."""
+    from helpers.handmade_maps import handmade
+    from playwright.sync_api import sync_playwright
+
+    import tl_normmix as nm
+
+    path = nm.views.compare(handmade(), 0).save(tmp_path / "view.html")
+    requests, problems = [], []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        context = browser.new_context(offline=True)
+
+        def route(route):
+            requests.append(route.request.url)
+            route.continue_() if route.request.url.startswith("file:") else route.abort()
+
+        context.route("**/*", route)
+        page = context.new_page()
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.goto(path.as_uri())
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.tlnm-view')]"
+            ".every(e => e.childElementCount > 0)",
+            timeout=60_000,
+        )
+        mounted = page.evaluate(
+            "() => [...document.querySelectorAll('.tlnm-view')].map(e => "
+            "[e.classList.contains('tlnm-error'), e.querySelectorAll('*').length])"
+        )
+        browser.close()
+    assert len(mounted) == 3 and all(not error and children > 3 for error, children in mounted)
+    assert problems == [] and all(url.startswith("file:") for url in requests)

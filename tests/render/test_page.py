@@ -83,6 +83,7 @@ def test_no_remote_sources_in_a_page_with_plots():
 
 def test_notebook_repr_is_a_fragment_with_the_bundle():
     view = views.heads(handmade(), "attn_w", 0)
+    page.bundle_mode("once")  # the next output of the session carries the bundle
     html = view._repr_html_()
     assert html.startswith('<div class="tlnm">') and html.count("var CircuitsVis") == 1
     assert isinstance(views.compare(handmade(), 0), Row)

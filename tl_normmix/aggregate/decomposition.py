@@ -1,10 +1,12 @@
-"""``decompose_model``: per-input-token vectors carried through every block (METHODS.md §4).
+"""``decompose_model``: per-input-token vectors carried through every block
+(methods.md#the-peers-methods).
 
-The exact counterpart of DecompX (Modarressi et al. 2023): the block outputs of a cached run
-are split over the input tokens, ``x^l_i = Σ_j D^l_ij + bias^l_i``, through attention (with the
-real attention weights), norms (frozen scales) and feed-forward blocks (integrated gradients along
-the decomposed input, METHODS §3) — no linearisation of the activation. ``maps`` holds ``‖D^l_ij‖``;
-``completeness`` the relative residual of ``Σ_j D^l_ij + bias^l_i`` against the cached block output.
+The exact counterpart of DecompX (Modarressi et al. 2023): the block outputs of a cached run are
+split over the input tokens, ``x^l_i = Σ_j D^l_ij + bias^l_i``, through attention (with the real
+attention weights), norms (frozen scales) and feed-forward blocks (integrated gradients along the
+decomposed input, methods.md#the-feed-forward-block) — no linearisation of the activation. ``maps``
+holds ``‖D^l_ij‖``; ``completeness`` the relative residual of ``Σ_j D^l_ij + bias^l_i`` against the
+cached block output.
 
 >>> _, cache = model.run_with_cache(tokens, names_filter=nm.hook_filter(model, "layer_n"))
 ... # doctest: +SKIP
@@ -73,7 +75,7 @@ def decompose_model(
     quadrature_points: int | None = None,
     chunk_size: int | None = None,
     verify: bool = True,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ModelDecomposition:
     """Carry per-input-token vectors through blocks ``0 … max(layers)`` of a cached run.
 
@@ -82,7 +84,8 @@ def decompose_model(
         cache: from ``run_with_cache(tokens, names_filter=nm.hook_filter(model, "layer_n"))``.
         layers: the layers whose maps are kept (default: all); every block up to the last one
             is decomposed.
-        attention_mask, tokens: the run's padding, as for ``mixing_maps``.
+        attention_mask: the run's padding, as for ``mixing_maps``.
+        tokens: the run's tokens, as for ``mixing_maps``.
         quadrature_points: as for ``mixing_maps`` (None: closed forms, 32 points where gated).
         chunk_size: receivers per chunk (default: as many as fill the memory budget,
             ``tl_normmix.memory``). Memory beyond it: the parts ``N²·d`` and the value parts
@@ -207,7 +210,8 @@ def _chunk(chunk_size: int | None, t: Any) -> int:
         return chunk_size
     batch, n, d = t["resid_pre"].shape
     per_row = 4 * batch * n * (2 * hidden_width(t.mlp) + 6 * d)
-    return memory.rows_per_chunk(per_row, n, what=f"decompose_model layer {t.layer}")
+    # several chunks: each stops at the last source that reaches its receivers (causal models)
+    return memory.rows_per_chunk(per_row, n, chunks=8, what=f"decompose_model layer {t.layer}")
 
 
 def _check_values(

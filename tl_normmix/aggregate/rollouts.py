@@ -1,4 +1,4 @@
-"""Across layers: rollout of per-layer maps (METHODS.md §4).
+"""Across layers: rollout of per-layer maps (methods.md#the-peers-methods).
 
 A per-layer map ``M_l`` says how much receiver ``i`` of layer ``l``'s output takes from token ``j``
 of its input. Chaining them gives how much each *input token* reaches every later position:
@@ -67,7 +67,7 @@ def chain_products(
     normalize: bool,
 ) -> Float[Tensor, "layer batch query_pos key_pos"]:
     """``R_0 = M̂_0``, ``R_l = M̂_l R_{l−1}`` with ``M̂ = rownorm(M + I)`` (each step optional),
-    in float64 (METHODS §4, rollout); padded rows and columns zero."""
+    in float64 (methods.md#the-peers-methods, rollout); padded rows and columns zero."""
     pair = (mask[:, :, None] & mask[:, None, :]).to(layer_maps.device)
     eye = torch.eye(layer_maps.shape[-1], dtype=torch.float64, device=layer_maps.device)
     out = torch.empty(layer_maps.shape, dtype=torch.float64, device=layer_maps.device)

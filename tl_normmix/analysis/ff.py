@@ -28,9 +28,9 @@ __all__ = ["FFOutliers", "FFParts", "ff_outlier_dimensions", "ff_parts"]
 
 @dataclass(frozen=True)
 class FFParts:
-    """One layer's feed-forward contributions as vectors: ``ig[b, i, j]`` is ``IG_ij`` (METHODS
-    §3), ``before`` the FF input map ``attnresln_n``, ``next_norm`` the norm that next reads the
-    stream (its name and weight ``γ``)."""
+    """One layer's feed-forward contributions as vectors: ``ig[b, i, j]`` is ``IG_ij``
+    (methods.md#the-feed-forward-block), ``before`` the FF input map ``attnresln_n``, ``next_norm``
+    the norm that next reads the stream (its name and weight ``γ``)."""
 
     layer: int
     ig: Float[Tensor, "batch query_pos key_pos d_model"]

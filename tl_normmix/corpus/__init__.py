@@ -1,5 +1,5 @@
-"""Corpus analyses (METHODS §6): Clark et al. 2019 and Vig & Belinkov 2019 for every scope,
-resumable, exactly-once, on a local loop, shards or a Ray Data actor pool.
+"""Corpus analyses (methods.md#corpus-statistics): Clark et al. 2019 and Vig & Belinkov 2019 for
+every scope, resumable, exactly-once, on a local loop, shards or a Ray Data actor pool.
 
     res = nm.corpus.analyse("all-MiniLM-L6-v2", ["en_ewt-ud-dev.conllu"], "runs/ewt")
     res = nm.corpus.load("runs/ewt"); res.best_heads("attn_n")

@@ -1,4 +1,5 @@
-"""Words of a CoNLL-U sentence ↔ the model's tokens, through character offsets (METHODS §6).
+"""Words of a CoNLL-U sentence ↔ the model's tokens, through character offsets
+(methods.md#corpus-statistics).
 
 Each surface unit is located in the ``# text`` line (in order, skipping white space); a multiword
 token's words split its characters by their forms. The fast tokenizer's offsets then give every

@@ -2,8 +2,8 @@
 
 Every method takes a scope and returns a DataFrame; ``head`` is -1 for the layer map (per-head
 scopes — ``attn_w``, ``attn_n`` — have both their heads and the layer map). Shares are ratios of
-corpus-wide sums (METHODS §6), so a statistic weighs every word (or token row) of the corpus
-equally, whichever chunk or machine computed it.
+corpus-wide sums (methods.md#corpus-statistics), so a statistic weighs every word (or token row) of
+the corpus equally, whichever chunk or machine computed it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ __all__ = ["CorpusResult", "load"]
 NOT_REPORTED = ("root", "punct", "other")  # counted in "all", no rows of their own
 
 
-@dataclass
+@dataclass(repr=False)
 class CorpusResult:
+    """A reduced corpus run: every statistic as a pandas table (``nm.corpus.load``)."""
+
     root: Path
     manifest: dict[str, Any]
     agg: pd.DataFrame
@@ -47,6 +49,14 @@ class CorpusResult:
             pd.read_parquet(summary / "agg.parquet"),
             pd.read_parquet(summary / "top.parquet"),
             pd.read_parquet(summary / "sentences.parquet"),
+        )
+
+    def __repr__(self) -> str:
+        fp = self.manifest["fingerprint"]
+        statuses = ", ".join(f"{r.sentences} {r.status}" for r in self.summary().itertuples())
+        return (
+            f"CorpusResult({str(self.root)!r}, model={fp.get('model')!r}, scopes={self.scopes}, "
+            f"sentences: {statuses or 'none'})"
         )
 
     # -- helpers ----------------------------------------------------------------------------

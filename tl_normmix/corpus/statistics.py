@@ -1,4 +1,4 @@
-"""The corpus statistics of one sentence, for many maps at once (METHODS §6).
+"""The corpus statistics of one sentence, for many maps at once (methods.md#corpus-statistics).
 
 Pure tensor code: the input is a stack of ``M`` token maps ``[M, N, N]`` of one sentence (every
 layer and head of every scope, in any order) and the sentence's alignment; the output is the
@@ -158,7 +158,8 @@ def _one_hot(index: Tensor, size: int) -> Tensor:
 
 
 def sentence_sums(maps: Float[Tensor, "map pos pos"], labels: SentenceLabels) -> SentenceSums:
-    """The partial sums of METHODS §6 for every map of one sentence (see the module docstring)."""
+    """The partial sums of methods.md#corpus-statistics for every map of one sentence (see the
+    module docstring)."""
     device = maps.device
     a = maps.double()
     total = a.sum(-1, keepdim=True)

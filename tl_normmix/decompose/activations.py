@@ -1,9 +1,10 @@
 """Element-wise activation functions: known candidates, and a test that a callable is one.
 
 The model adapter takes each model's activation from its own MLP module and checks it on the cache
-(``act(hook_pre) == hook_post``): TransformerLens's ``cfg.act_fn`` is wrong on some adapters
-(BLOOM, Falcon, MPT and OpenAI-GPT say ``relu`` and compute GELU variants). The closed form of
-METHODS §3 needs an element-wise activation; ``is_elementwise`` tests that property numerically.
+(``act(hook_pre) == hook_post``): TransformerLens's ``cfg.act_fn`` is wrong on some adapters (BLOOM,
+Falcon, MPT and OpenAI-GPT say ``relu`` and compute GELU variants). The closed form of
+methods.md#the-feed-forward-block needs an element-wise activation; ``is_elementwise`` tests that
+property numerically.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""ALTI and its per-head form, the information-flow routes: pure tensor math (METHODS.md §4).
+"""ALTI and its per-head form, the information-flow routes: pure tensor math
+(methods.md#the-peers-methods).
 
 The attention sublayer's resultant at receiver ``i`` is ``y_i = Σ_j T_i(x_j) + bias_i`` with
 
@@ -18,10 +19,10 @@ Routes (llm-transparency-tool): one part per (source ``j``, head ``h``), ``κ_i 
 the receiver's residual ``post_i(x_i)`` as one more part; ``c = max(‖y‖₁ − ‖y − part‖₁, floor)``
 divided by the sum over all parts of the row (the tool uses ``floor = 1e-5``).
 
-Value biases: ``f^h(x_j)`` holds ``b_V^h W_O^h`` (METHODS §1). Given ``value_bias``, it is taken out
-of every source's vector and attributed to no part, ``Σ_h (Σ_j α^h_ij) b_V^h W_O^h`` joining
-``b_O`` — the convention of llm-transparency-tool, which loads models with value biases folded
-into ``b_O``. The resultant ``y`` is the same either way.
+Value biases: ``f^h(x_j)`` holds ``b_V^h W_O^h`` (methods.md#attention-weights-and-norms). Given
+``value_bias``, it is taken out of every source's vector and attributed to no part, ``Σ_h (Σ_j
+α^h_ij) b_V^h W_O^h`` joining ``b_O`` — the convention of llm-transparency-tool, which loads models
+with value biases folded into ``b_O``. The resultant ``y`` is the same either way.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Attention-block decomposition: pure tensor math (METHODS.md §1).
+"""Attention-block decomposition: pure tensor math (methods.md#attention-weights-and-norms).
 
-Notation follows METHODS.md: rows are receivers (query ``i``), columns are sources (key ``j``);
+Notation follows docs/methods.md: rows are receivers (query ``i``), columns are sources (key ``j``);
 ``v^h_j = x̂_j W_V^h + b_V^h`` is TransformerLens's ``hook_v`` (``b_V`` included) and the head's
 write from source ``j`` is ``f^h(x_j) = v^h_j W_O^h``. Nothing here knows about TransformerLens:
 the model adapter hands over plain tensors, already expanded to query heads under grouped-query
@@ -38,7 +38,8 @@ def masked_pattern(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     mask: Bool[Tensor, "batch pos"],
 ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
-    """Zero the rows of padded queries and the columns of padded keys (METHODS §5, padding)."""
+    """Zero the rows of padded queries and the columns of padded keys
+    (methods.md#interventions-on-edges, padding)."""
     pair = mask[:, None, :, None] & mask[:, None, None, :]
     return pattern.masked_fill(~pair, 0.0)
 
@@ -54,7 +55,8 @@ def attended_ends(pattern: Float[Tensor, "batch head_index query_pos key_pos"]) 
 def head_mean(
     per_head: Float[Tensor, "batch head_index query_pos key_pos"],
 ) -> Float[Tensor, "batch query_pos key_pos"]:
-    """Layer map of ``attn_w``: the mean of ``α^h_ij`` over heads (METHODS §1)."""
+    """Layer map of ``attn_w``: the mean of ``α^h_ij`` over heads
+    (methods.md#attention-weights-and-norms)."""
     return per_head.mean(dim=1)
 
 
@@ -62,7 +64,8 @@ def value_norms(
     v: Float[Tensor, "batch pos head_index d_head"],
     W_O: Float[Tensor, "head_index d_head d_model"],
 ) -> Float[Tensor, "batch head_index pos"]:
-    """``‖f^h(x_j)‖ = ‖v^h_j W_O^h‖`` per head and source token (METHODS §1, value norms).
+    """``‖f^h(x_j)‖ = ‖v^h_j W_O^h‖`` per head and source token
+    (methods.md#attention-weights-and-norms, value norms).
 
     Evaluated as the quadratic form ``v (W_O W_Oᵀ) vᵀ`` so no ``[batch, pos, head, d_model]``
     tensor is built: cost ``O(H·d_h²·(d + N))`` instead of ``O(N·H·d_h·d)``.
@@ -76,7 +79,8 @@ def source_vectors(
     v: Float[Tensor, "batch pos head_index d_head"],
     W_O: Float[Tensor, "head_index d_head d_model"],
 ) -> Float[Tensor, "batch pos head_index d_model"]:
-    """``f^h(x_j) = v^h_j W_O^h`` for every source and head (METHODS §0): ``N·H`` vectors."""
+    """``f^h(x_j) = v^h_j W_O^h`` for every source and head (methods.md#notation): ``N·H``
+    vectors."""
     return torch.einsum("bjhd,hdm->bjhm", v, W_O)
 
 
@@ -84,7 +88,8 @@ def per_head_norms(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     f_norms: Float[Tensor, "batch head_index key_pos"],
 ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
-    """Per-head ``attn_n``: ``‖α^h_ij f^h(x_j)‖ = α^h_ij ‖f^h(x_j)‖`` (METHODS §1)."""
+    """Per-head ``attn_n``: ``‖α^h_ij f^h(x_j)‖ = α^h_ij ‖f^h(x_j)‖``
+    (methods.md#attention-weights-and-norms)."""
     return pattern * f_norms[:, :, None, :]
 
 
@@ -92,7 +97,7 @@ def gram_factor(
     f: Float[Tensor, "batch key_pos head_index d_model"],
 ) -> Float[Tensor, "batch key_pos head_index head_index"]:
     """A factor ``L_j`` of the per-source Gram matrix ``G_j[h, h'] = ⟨f^h_j, f^{h'}_j⟩ = L_j L_jᵀ``
-    (METHODS §1, cost)."""
+    (methods.md#attention-weights-and-norms, cost)."""
     return psd_factor(torch.matmul(f, f.transpose(-1, -2)))
 
 
@@ -113,7 +118,8 @@ def quadratic_norms(
     *,
     chunk_size: int | None = None,
 ) -> Float[Tensor, "factor batch query_pos key_pos"]:
-    """``‖Σ_h α^h_ij f^h_j‖ = ‖L_jᵀ α_ij‖`` for each Gram factor ``L`` (METHODS §1, cost).
+    """``‖Σ_h α^h_ij f^h_j‖ = ‖L_jᵀ α_ij‖`` for each Gram factor ``L``
+    (methods.md#attention-weights-and-norms, cost).
 
     Chunked over queries: each chunk of the pattern is transposed once so that every source ``j``
     holds its ``[query, head]`` block, and one batched matmul against all factors (concatenated)
@@ -141,7 +147,8 @@ def head_summed_norms(
     *,
     chunk_size: int | None = None,
 ) -> Float[Tensor, "batch query_pos key_pos"]:
-    """``‖Σ_h α^h_ij f^h_j‖`` for all pairs without an ``N×N×d`` tensor (METHODS §1)."""
+    """``‖Σ_h α^h_ij f^h_j‖`` for all pairs without an ``N×N×d`` tensor
+    (methods.md#attention-weights-and-norms)."""
     return quadratic_norms(pattern, [gram_factor(f)], chunk_size=chunk_size)[0]
 
 
@@ -163,8 +170,8 @@ def source_terms(
     chunk_size: int | None = None,
 ) -> SourceTerms:
     """Gram factors of ``T f^h_j`` for each fixed linear map ``T`` (None: the identity), the self
-    part and the value norms (METHODS §1–2), building ``f`` only ``chunk_size`` sources at a time
-    (None: every source at once)."""
+    part and the value norms (methods.md#attention-weights-and-norms), building ``f`` only
+    ``chunk_size`` sources at a time (None: every source at once)."""
     batch, pos, heads, _ = v.shape
     chunk_size = chunk_size or pos
     diagonal = pattern.diagonal(dim1=-2, dim2=-1)  # [batch, head, pos]
@@ -193,7 +200,8 @@ def mixed_output(
     v: Float[Tensor, "batch pos head_index d_head"],
     W_O: Float[Tensor, "head_index d_head d_model"],
 ) -> Float[Tensor, "batch query_pos d_model"]:
-    """``Σ_j Σ_h α^h_ij f^h(x_j)``, the attention output without ``b_O`` (METHODS §1)."""
+    """``Σ_j Σ_h α^h_ij f^h(x_j)``, the attention output without ``b_O``
+    (methods.md#attention-weights-and-norms)."""
     z = torch.einsum("bhij,bjhd->bihd", pattern, v)
     return torch.einsum("bihd,hdm->bim", z, W_O)
 

@@ -1,6 +1,6 @@
-"""Helpers every attention-block decomposition of one layer shares (METHODS.md §1–2): the norm
-chains of a stage, read from the block's layout with the layer's cached scales; ALTI's inputs;
-and the padding of fresh maps.
+"""Helpers every attention-block decomposition of one layer shares
+(methods.md#attention-weights-and-norms): the norm chains of a stage, read from the block's layout
+with the layer's cached scales; ALTI's inputs; and the padding of fresh maps.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The block after its attention, as a function: pure tensor math (METHODS.md §4, value zeroing).
+"""The block after its attention, as a function: pure tensor math (methods.md#the-peers-methods,
+value zeroing).
 
 Value zeroing replaces the attention output of a layer and runs the *rest* of the block for real —
 the norms recompute their scales, the feed-forward block runs on its new input:

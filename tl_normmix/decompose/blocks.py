@@ -1,13 +1,13 @@
 """A TransformerLens-free description of one transformer block, and one layer's tensors.
 
 The model adapter (``tl_normmix.models``) fills these from a model and its cache; the math reads
-them. They say *what* a block computes (METHODS.md §0 and §3): which linear maps and norms sit on
+them. They say *what* a block computes (methods.md#notation): which linear maps and norms sit on
 each branch, whether the branches run in sequence or in parallel, and how the feed-forward block is
 built. No hook names and no TransformerLens types appear here.
 
-Every block the survey of TransformerLens 4.3 found (``../shared/notes/architectures.md``) is one
-``BlockLayout``: a sequence of *chains* of linear maps — norms linearised with their cached scale
-(METHODS §0), the residual multiplier (Granite) as a fixed map — around the two branches::
+Every block of the architectures TransformerLens supports is one ``BlockLayout``: a sequence of
+*chains* of linear maps — norms linearised with their cached scale (methods.md#notation), the
+residual multiplier (Granite) as a fixed map — around the two branches::
 
     sequential:  h = mid(r + attn_out(A(attn_in(r))));  y = post(h + mlp_out(FF(mlp_in(h))))
     parallel:    y = post(r + attn_out(A(attn_in(r))) + mlp_out(FF(mlp_in(r))))
@@ -72,9 +72,10 @@ class NormSpec:
     def linear(
         self, z: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None
     ) -> Float[Tensor, "... d_model"]:
-        """``g(z) = γ ⊙ (z − mean z) / s`` (RMSNorm: ``γ ⊙ z / s``): the norm as a linear map of
-        one part ``z`` of its input, with the scale ``s`` of the *whole* input frozen (METHODS §0).
-        ``scale=None`` leaves out ``1/s``: the fixed linear part ``T`` of the norm.
+        """``g(z) = γ ⊙ (z − mean z) / s`` (RMSNorm: ``γ ⊙ z / s``): the norm as a linear map of one
+        part ``z`` of its input, with the scale ``s`` of the *whole* input frozen
+        (methods.md#notation). ``scale=None`` leaves out ``1/s``: the fixed linear part ``T`` of the
+        norm.
         """
         centred = z - z.mean(-1, keepdim=True) if self.kind == "layernorm" else z
         out = self.weight * centred
@@ -205,9 +206,9 @@ class BlockLayout:
 
 @dataclass(frozen=True)
 class MLPSpec:
-    """``FF(u) = act(u W_in + b_in) W_out + b_out``, or gated:
-    ``(act(u W_gate + b_gate) ⊙ (u W_in + b_in)) W_out + b_out``, with an element-wise ``act``
-    (the model's own, checked on the cache): the closed forms of METHODS §3 apply.
+    """``FF(u) = act(u W_in + b_in) W_out + b_out``, or gated: ``(act(u W_gate + b_gate) ⊙ (u W_in +
+    b_in)) W_out + b_out``, with an element-wise ``act`` (the model's own, checked on the cache):
+    the closed forms of methods.md#the-feed-forward-block apply.
 
     ``bias_after_gate`` marks TransformerLens 2.x's gated MLP, which adds ``b_in`` after the
     product: ``(act(u W_gate) ⊙ (u W_in) + b_in) W_out + b_out``.
@@ -328,7 +329,8 @@ class LayerTensors:
 
     @property
     def v(self) -> Tensor:
-        """Value vectors expanded to query heads: ``[batch, pos, head, d_head]`` (METHODS §0)."""
+        """Value vectors expanded to query heads: ``[batch, pos, head, d_head]``
+        (methods.md#notation)."""
         v = self.hooks["v"]
         groups = self.block.n_heads // v.shape[2]
         return v if groups == 1 else v.repeat_interleave(groups, dim=2)
@@ -357,7 +359,7 @@ class LayerTensors:
 
 
 def zeros_if_none(t: Tensor | None, size: int, like: Tensor) -> Tensor:
-    """Missing biases (``None`` on Llama-style models) are zero (METHODS.md §0)."""
+    """Missing biases (``None`` on Llama-style models) are zero (methods.md#notation)."""
     if t is None:
         return torch.zeros(size, dtype=torch.float32, device=like.device)
     return t.detach().float()

@@ -1,4 +1,5 @@
-"""Per-source vectors carried through a block: the exact whole-model decomposition (METHODS §4).
+"""Per-source vectors carried through a block: the exact whole-model decomposition
+(methods.md#the-peers-methods).
 
 The stream entering a block is decomposed over the *input tokens* ``j``: ``x_i = Σ_j D_ij + c_i``
 (``c`` collects the bias terms). One block maps it to the same form at its output:
@@ -7,10 +8,12 @@ The stream entering a block is decomposed over the *input tokens* ``j``: ``x_i =
   ``x̂_k = Σ_j g_k(D_kj) + (g_k(c_k) + β)``; the values are linear in it,
   ``v^h_k = Σ_j g_k(D_kj) W_V^h + (… + b_V^h)``, so the attention output is
   ``A_i = Σ_j Σ_h Σ_k α^h_ik g_k(D_kj) W_V^h W_O^h + bias``: the weights ``α`` are the real ones;
-* every later norm is its frozen linear map at the receiver (METHODS §0), residuals add ``D``;
+* every later norm is its frozen linear map at the receiver (methods.md#notation), residuals add
+``D``;
 * the feed-forward block splits its input's parts by integrated gradients along the straight path
-  from the bias point — the closed forms of METHODS §3 (quadrature for gated blocks, forward-mode
-  quadrature of the module for mixtures of experts) with the decomposed input as the path.
+  from the bias point — the closed forms of methods.md#the-feed-forward-block (quadrature for gated
+  blocks, forward-mode quadrature of the module for mixtures of experts) with the decomposed input
+  as the path.
 
 Completeness holds at every block: ``Σ_j D_ij + c_i`` equals the block output the model computed.
 Cost per block ``O(N²·d² + N³·d + N²·d·d_ff)``; memory: the parts ``D`` (``N²·d``, updated in
@@ -182,7 +185,8 @@ def _integrated_gradients(
     u_bias: Float[Tensor, "batch chunk d_model"],
     points: int | None,
 ) -> Float[Tensor, "batch chunk source d_model"]:
-    """``IG_ij`` of the feed-forward block for the parts ``u_ij`` (METHODS §3)."""
+    """``IG_ij`` of the feed-forward block for the parts ``u_ij``
+    (methods.md#the-feed-forward-block)."""
     total = u.sum(2)
     if isinstance(mlp, FFModule):
         assert points is not None

@@ -2,7 +2,7 @@
 
 From the block input ``r = resid_pre``, the pure attention output ``A``, the pure feed-forward
 output ``M`` and each norm's cached scale, the layout (``blocks.BlockLayout``) determines every
-other tensor of the block (METHODS §2–3):
+other tensor of the block (methods.md#residual-and-layer-norm):
 
     sequential:  A' = attn_out(A);  h = mid(r + A');  u = mlp_in(h);  y = post(h + mlp_out(M))
     parallel:    A' = attn_out(A);  u = mlp_in(r);    y = post(r + A' + mlp_out(M))

@@ -1,4 +1,5 @@
-"""Integrated gradients through the feed-forward block: pure tensor math (METHODS.md §3).
+"""Integrated gradients through the feed-forward block: pure tensor math
+(methods.md#the-feed-forward-block).
 
 The input of the feed-forward block at receiver ``i`` is decomposed as ``u_i = Σ_j u_ij + u^b_i``
 (``u^b`` collects the bias terms). Along the straight path ``u(t) = u^b + t Σ_j u_ij`` the
@@ -42,9 +43,10 @@ __all__ = [
     "ig_hidden",
 ]
 
-#: Gauss–Legendre points for gated blocks. METHODS §3 quotes ~1e-11 at 16 points; on SmolLM2-135M
-#: (layer 2, large gate pre-activations) 16 points leave 1.5e-5 on the FF output and 24 reach the
-#: float32 floor (5e-6), so the default keeps a margin. Each point costs ``N·d_ff``, not per pair.
+#: Gauss–Legendre points for gated blocks. methods.md#the-feed-forward-block quotes ~1e-11 at 16
+#: points; on SmolLM2-135M (layer 2, large gate pre-activations) 16 points leave 1.5e-5 on the FF
+#: output and 24 reach the float32 floor (5e-6), so the default keeps a margin. Each point costs
+#: ``N·d_ff``, not per pair.
 DEFAULT_QUADRATURE_POINTS = 32
 
 #: Below this ``|a|`` the difference quotient loses precision; its limit is used instead.
@@ -107,9 +109,9 @@ def ig_coefficients(
     *,
     quadrature_points: int | None = None,
 ) -> IGCoefficients:
-    """The coefficients of METHODS §3 for receivers with ``Σ_j u_ij = parts_sum`` and
-    ``u^b = bias_input``. ``quadrature_points=None``: the closed form (element-wise ``act``
-    only); an integer: Gauss–Legendre quadrature with that many points (any block)."""
+    """The coefficients of methods.md#the-feed-forward-block for receivers with ``Σ_j u_ij =
+    parts_sum`` and ``u^b = bias_input``. ``quadrature_points=None``: the closed form (element-wise
+    ``act`` only); an integer: Gauss–Legendre quadrature with that many points (any block)."""
     act = mlp.act
     u, ub = parts_sum.double(), bias_input.double()
     W_in, b_in = mlp.W_in.double(), mlp.b_in.double()
@@ -176,6 +178,7 @@ def ig_hidden(
 
 
 def flops_per_pair(d_model: int, d_mlp: int, heads: int, gated: bool) -> int:
-    """Multiply-adds ×2 of the per-pair work of one layer (METHODS §3, cost), per ``(i, j)``."""
+    """Multiply-adds ×2 of the per-pair work of one layer (methods.md#the-feed-forward-block, cost),
+    per ``(i, j)``."""
     first = heads * d_mlp * (2 if gated else 1)
     return 2 * (first + d_mlp * d_model + heads * d_model)

@@ -1,4 +1,5 @@
-"""Integrated gradients through *any* feed-forward block (METHODS.md §3, generic path).
+"""Integrated gradients through *any* feed-forward block (methods.md#the-feed-forward-block, generic
+path).
 
 For a feed-forward block with no closed form here — a mixture of experts (router, top-k experts,
 shared expert), an activation that mixes hidden units — the model's own module ``F`` is integrated

@@ -1,9 +1,9 @@
-"""Vectors of every (source, receiver) pair kept as affine forms: pure tensor math (METHODS.md §4,
-value zeroing).
+"""Vectors of every (source, receiver) pair kept as affine forms: pure tensor math
+(methods.md#the-peers-methods, value zeroing).
 
 Value zeroing evaluates the block's tail on ``N²`` edited attention outputs ``A_i − Δ_ij`` with
 ``Δ_ij = Σ_h α^h_ij f^h_j``. Every map before the feed-forward block is affine once its norm's
-scale is known (METHODS §0), and that scale is one number per pair. So after norms
+scale is known (methods.md#notation), and that scale is one number per pair. So after norms
 ``0 … k−1`` each pair vector is
 
     v_ij = Σ_g c^g_ij · (R^g_i − Σ_h α^h_ij S^g_hj + K^g),    c^g_ij = Π_{m ≥ born(g)} 1/s^m_ij

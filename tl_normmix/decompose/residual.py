@@ -1,14 +1,15 @@
-"""Residual and layer-norm scopes of the attention block: pure tensor math (METHODS.md §2).
+"""Residual and layer-norm scopes of the attention block: pure tensor math
+(methods.md#residual-and-layer-norm).
 
 Per receiving token ``i``, the vector attributed to source ``j`` is
 
     F_i(x_j) = post_i( pre_i(Σ_h α^h_ij f^h(x_j)) + δ_ij x_i )
 
-where ``pre_i`` and ``post_i`` are chains of norms linearised with the scales of the actual
-inputs at ``i`` (METHODS §0): ``attnres_n`` has no norms; ``attnresln_n`` has the norm that reads
+where ``pre_i`` and ``post_i`` are chains of norms linearised with the scales of the actual inputs
+at ``i`` (methods.md#notation): ``attnres_n`` has no norms; ``attnresln_n`` has the norm that reads
 ``attn_i + x_i`` in ``post`` (LN1 in post-LN, LN2 in pre-LN blocks); sandwich blocks put their
-post-attention norm in ``pre``. Each linearised norm is ``z ↦ (1/s_i) γ ⊙ P z``, so a chain is
-a fixed linear map ``T`` times a per-receiver scalar ``κ_i = Π 1/s_i``. Hence for ``j ≠ i``
+post-attention norm in ``pre``. Each linearised norm is ``z ↦ (1/s_i) γ ⊙ P z``, so a chain is a
+fixed linear map ``T`` times a per-receiver scalar ``κ_i = Π 1/s_i``. Hence for ``j ≠ i``
 
     ‖F_i(x_j)‖ = κ_i ‖Σ_h α^h_ij T f^h_j‖,
 
@@ -116,7 +117,8 @@ def decompose(
     mixed: Float[Tensor, "batch pos d_model"] | None = None,
     chunk_size: int | None = None,
 ) -> Decomposition:
-    """``‖F_i(x_j)‖`` for all pairs and the mixing ratio ``r_i`` per request (METHODS §2).
+    """``‖F_i(x_j)‖`` for all pairs and the mixing ratio ``r_i`` per request
+    (methods.md#residual-and-layer-norm).
 
     ``pattern`` has padding already masked; ``mixed`` is ``Σ_j Σ_h α f`` if known (the cached
     attention output minus ``b_O``), else it is computed. One chunked pass over the sources
@@ -162,6 +164,6 @@ def decomposed_norms(
     *,
     chunk_size: int | None = None,
 ) -> tuple[Float[Tensor, "batch query_pos key_pos"], Float[Tensor, "batch query_pos"]]:
-    """One request of ``decompose``: ``(‖F_i(x_j)‖, r_i)`` (METHODS §2)."""
+    """One request of ``decompose``: ``(‖F_i(x_j)‖, r_i)`` (methods.md#residual-and-layer-norm)."""
     requests = {"": Request(residual, pre, post)}
     return decompose(pattern, v, W_O, requests, chunk_size=chunk_size).maps[""]

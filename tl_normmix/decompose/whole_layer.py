@@ -1,4 +1,5 @@
-"""Whole-layer maps of one layer: through the feed-forward block (METHODS.md §3).
+"""Whole-layer maps of one layer: through the feed-forward block
+(methods.md#the-feed-forward-block).
 
 Every vector a source ``j`` contributes at receiver ``i`` is kept in *factored* form: for
 ``j ≠ i`` it is ``K_i · Σ_h α^h_ij T f^h_j`` (``T`` a fixed linear map made of the linearised
@@ -266,7 +267,8 @@ class _Split:
 
 
 class _ClosedForm:
-    """The closed-form IG of an ``MLPSpec`` over a chunk of pairs (METHODS §3)."""
+    """The closed-form IG of an ``MLPSpec`` over a chunk of pairs
+    (methods.md#the-feed-forward-block)."""
 
     def __init__(
         self, mlp: MLPSpec, ff_in: _Parts, g_in: Tensor, points: int | None, out_norm: NormChain
@@ -354,7 +356,7 @@ def _parts(
     x: Tensor,
     b_O: Tensor,
 ) -> _Parts:
-    """``post(pre(Σ_h α f) + δ x)`` in factored form (METHODS §2)."""
+    """``post(pre(Σ_h α f) + δ x)`` in factored form (methods.md#residual-and-layer-norm)."""
     pre, post = norm_chain(t, pre_names), norm_chain(t, post_names)
     diag = post(pre(own) + x)
     total = post(pre(context)) + diag
@@ -412,16 +414,17 @@ def hidden_width(mlp: MLPSpec | FFModule | None) -> int:
 def points_for(
     t: LayerTensors, mlp: MLPSpec | FFModule, quadrature_points: int | None
 ) -> int | None:
-    """Quadrature points of the layer's FF split (None: the closed form), METHODS §3: None asks
-    for the closed form of element-wise activations and ``feedforward.DEFAULT_QUADRATURE_POINTS``
-    Gauss–Legendre points for gated blocks and the generic path; an integer asks for quadrature
-    with that many points for every block."""
+    """Quadrature points of the layer's FF split (None: the closed form),
+    methods.md#the-feed-forward-block: None asks for the closed form of element-wise activations and
+    ``feedforward.DEFAULT_QUADRATURE_POINTS`` Gauss–Legendre points for gated blocks and the generic
+    path; an integer asks for quadrature with that many points for every block."""
     points = quadrature_points
     if isinstance(mlp, FFModule) or mlp.gated:
         return points if points is not None else feedforward.DEFAULT_QUADRATURE_POINTS
     if points is None and not is_elementwise(mlp.act):
         raise NotImplementedError(
             f"Layer {t.layer}: the activation {mlp.act_name!r} is not element-wise, so the closed "
-            "form of METHODS §3 does not apply."
+            "form of integrated gradients does not apply: ask for quadrature with "
+            "FFOptions(quadrature_points=32)."
         )
     return points

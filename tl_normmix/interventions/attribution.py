@@ -1,4 +1,5 @@
-"""First-order estimate of every edge's effect: one forward and one backward (METHODS §5).
+"""First-order estimate of every edge's effect: one forward and one backward
+(methods.md#interventions-on-edges).
 
 With ``g_i = ∂m/∂z_i`` (the metric's gradient at the per-head mixed values of receiver ``i``), the
 linearised effect of editing edge ``(l, h, i, j)`` by ``Δz^h_i`` is ``⟨Δz^h_i, g^h_i⟩``:
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tl_normmix.interventions.run import Metric, capture, check_metric
 from tl_normmix.maps import MixingMaps
@@ -66,9 +68,12 @@ def edge_attribution(
     mode: Literal["remove", "patch"] = "remove",
     source_tokens: Tensor | None = None,
     attention_mask: Tensor | None = None,
+    *,
+    progress: bool = True,
 ) -> EdgeAttribution:
     """The first-order effect of ``remove`` (or ``patch`` with ``source_tokens``) on every edge
-    of every layer, head, receiver and source: one forward and one backward."""
+    of every layer, head, receiver and source: one forward and one backward (``progress``: a
+    bar over the backward pass and the layers' scores)."""
     if mode not in ("remove", "patch"):
         raise ValueError(f"mode={mode!r}: edge_attribution supports 'remove' and 'patch'.")
     ed = editor(model)
@@ -109,11 +114,13 @@ def edge_attribution(
         (n, capture(cache, n)) for layer in layers for n in (ed.pattern(layer), ed.v(layer))
     ]
     hooks += [(ed.z(layer), leaf(layer)) for layer in layers]
+    bar = tqdm(total=len(layers) + 1, desc="edge_attribution", unit="step", disable=not progress)
     with torch.enable_grad():
         out = ed.run(tokens, hooks, attention_mask=attention_mask, hidden=reads_hidden(metric))
         value = metric(out)
         check_metric(metric, out.detach(), batch)
         grads = torch.autograd.grad(value.sum(), [leaves[layer] for layer in layers])
+    bar.update(1)
     heads = []
     for layer, grad in zip(layers, grads, strict=True):
         pattern = cache[ed.pattern(layer)].float()  # [b, h, q, k]
@@ -130,6 +137,8 @@ def edge_attribution(
         if spec.causal:
             pair = pair & torch.ones(pos, pos, dtype=torch.bool, device=pair.device).tril()
         heads.append(score.masked_fill(~pair, 0.0))
+        bar.update(1)
+    bar.close()
     per_head = torch.stack(heads).detach().cpu()
     return EdgeAttribution(
         maps=per_head.sum(2),

@@ -1,4 +1,5 @@
-"""Circuits kept alone: every edge outside a set ablated, and faithfulness curves (METHODS §5).
+"""Circuits kept alone: every edge outside a set ablated, and faithfulness curves
+(methods.md#interventions-on-edges).
 
 ``keep_only`` rewrites every layer's ``z^h_i`` as the sum of the kept terms ``α^h_ij v^h_j`` of
 *that* forward (its live pattern and values, so that edits in earlier layers are seen by later
@@ -22,6 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tl_normmix.interventions.edges import EdgeSet
 from tl_normmix.interventions.run import Metric, capture, prepare, resolve_rows
@@ -69,6 +71,8 @@ def keep_only(
     ablation: Ablation = "remove",
     source_tokens: Tensor | None = None,
     attention_mask: Tensor | None = None,
+    *,
+    progress: bool = True,
 ) -> KeptCircuit:
     """The metric with every edge outside ``E`` ablated (``E``'s all-head edges keep every head
     of their ``(layer, i, j)``); see the module docstring."""
@@ -83,7 +87,7 @@ def keep_only(
             heads = slice(None) if edge.head is None else edge.head
             kept[edge.layer, b, heads, i, j] = True
     masks = torch.cat([kept, torch.zeros_like(kept), torch.ones_like(kept)], dim=1)
-    values, n_forwards = _run_kept(ed, inputs, masks, metric, ablation, source_tokens, 3)
+    values, n_forwards = _run_kept(ed, inputs, masks, metric, ablation, source_tokens, 3, progress)
     value, ablated, full = values
     return KeptCircuit(
         value=value,
@@ -106,6 +110,7 @@ def faithfulness_curve(
     ablation: Ablation = "remove",
     source_tokens: Tensor | None = None,
     attention_mask: Tensor | None = None,
+    progress: bool = True,
 ) -> FaithfulnessCurve:
     """For each fraction ``f``: keep the top ``f`` of each row's edges by ``scores`` —
     ``[layer, batch, query, key]`` (all heads of a cell together, e.g. ``maps["attn_n"]``) or
@@ -148,7 +153,7 @@ def faithfulness_curve(
         masks.append(keep)
     masks.append(torch.zeros(spec.n_layers, batch, heads, pos, pos, dtype=torch.bool))
     values, n_forwards = _run_kept(
-        ed, inputs, torch.cat(masks, dim=1), metric, ablation, source_tokens, len(masks)
+        ed, inputs, torch.cat(masks, dim=1), metric, ablation, source_tokens, len(masks), progress
     )
     value = torch.stack(values[:-1])
     ablated = values[-1]
@@ -176,6 +181,7 @@ def _run_kept(
     ablation: Ablation,
     source_tokens: Tensor | None,
     blocks: int,
+    progress: bool,
 ) -> tuple[list[Tensor], int]:
     """Forward(s) of ``blocks`` copies of the batch, row block ``k`` keeping ``masks[:, k·B:]``;
     returns the metric per block and the number of forwards."""
@@ -218,12 +224,15 @@ def _run_kept(
         hooks += [(ed.z(k), _with_pattern(rewrite(k), live, ed, k, patterns)) for k in range(layer)]
         return hooks
 
+    passes = 1 if ed.pattern_before_z else n_layers + 1
+    bar = tqdm(total=passes, desc="kept edges", unit="forward", disable=not progress)
     if not ed.pattern_before_z:  # read each layer's live pattern in a pass editing only below it
         for layer in range(n_layers):
             hooks = [*edited_below(layer), (ed.pattern(layer), capture(patterns, str(layer)))]
             with torch.no_grad():
                 ed.run(tokens, hooks, attention_mask=attention_mask, hidden=hidden)
             n_forwards += 1
+            bar.update(1)
         hooks = edited_below(n_layers)
     else:
         hooks = [
@@ -235,6 +244,8 @@ def _run_kept(
     with torch.no_grad():
         out = ed.run(tokens, hooks, attention_mask=attention_mask, hidden=hidden)
     n_forwards += 1
+    bar.update(1)
+    bar.close()
     values = [
         metric(out[k * batch : (k + 1) * batch]).detach().float().cpu() for k in range(blocks)
     ]

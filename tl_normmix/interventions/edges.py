@@ -1,4 +1,5 @@
-"""Token edges: ``(layer, head or all heads, receiver i, source j)`` (METHODS §5).
+"""Token edges: ``(layer, head or all heads, receiver i, source j)``
+(methods.md#interventions-on-edges).
 
 An edge carries the term ``p_e = α^h_ij f^h(x_j)`` of the pure attention output at receiver ``i``
 (summed over the layer's heads when ``head`` is None). Positions may be negative: ``-1`` is each

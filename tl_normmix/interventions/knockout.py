@@ -1,4 +1,4 @@
-"""Exact, batched interventions on token edges (METHODS §5): ``knock_out``.
+"""Exact, batched interventions on token edges (methods.md#interventions-on-edges): ``knock_out``.
 
 For an edge ``e = (l, h or all heads, i, j)`` with term ``p_e = α^h_ij f^h(x_j)`` the modes edit
 the pure attention output at receiver ``i`` of layer ``l`` — through ``z^h_i`` (``models.editing``),
@@ -26,6 +26,7 @@ before ``p``). Effects do not add up across heads or edges: they are not a decom
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -33,6 +34,7 @@ from typing import Any, Literal, get_args
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tl_normmix import memory
 from tl_normmix.interventions.edges import Edge, EdgeSet
@@ -43,12 +45,14 @@ from tl_normmix.models.prefix import Prefix, Prefixes
 
 __all__ = ["MODES", "KnockOut", "Mode", "knock_out"]
 
+logger = logging.getLogger("tl_normmix")
+
 #: How an edge is intervened on (module docstring).
 Mode = Literal["remove", "renormalize", "patch", "mean"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 
 
-@dataclass
+@dataclass(repr=False)
 class KnockOut:
     """Effects of single-edge interventions: ``effect[e, b] = metric(edited) − metric(clean)``
     for edge ``edges[e]`` in batch row ``b`` (NaN where the edge does not exist in that row:
@@ -68,6 +72,16 @@ class KnockOut:
     str_tokens: list[list[str]] | None = field(default=None, repr=False)
     tokens: Tensor | None = field(default=None, repr=False)
     shortcut: bool = False  # some forwards ran only the positions from the receivers on
+
+    def __repr__(self) -> str:
+        batch = self.mask.shape[0]
+        done = int((~self.effect.isnan()).sum())
+        return (
+            f"KnockOut({len(self.edges)} edges × {batch} rows ({done} run), mode={self.mode!r}, "
+            f"model={self.model_name!r}, {self.convention} weights, {self.n_forwards} forwards"
+            + (", causal shortcut" if self.shortcut else "")
+            + ")"
+        )
 
     def as_maps(self) -> MixingMaps:
         """The effects as ``MixingMaps`` with scope ``"effect"``: ``maps["effect"]``
@@ -108,8 +122,11 @@ def knock_out(
     source_tokens: Tensor | None = None,
     batch_size: int | None = None,
     attention_mask: Tensor | None = None,
+    *,
+    progress: bool = True,
 ) -> KnockOut:
-    """The exact effect of intervening on each edge of ``E`` alone (METHODS §5).
+    """The exact effect of intervening on each edge of ``E`` alone
+    (methods.md#interventions-on-edges).
 
     Args:
         model: a TransformerLens model tl_normmix supports.
@@ -122,6 +139,7 @@ def knock_out(
         batch_size: rows per forward (default: as many as fill the memory budget,
             ``tl_normmix.memory``).
         attention_mask: ``[batch, pos]`` padding mask (1 = token), passed to the model.
+        progress: a progress bar over the edges.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}.")
@@ -135,8 +153,11 @@ def knock_out(
     rows = resolve_rows(edges, inputs.mask, spec.causal)
     batch = inputs.tokens.shape[0]
     effect = torch.full((len(edges), batch), float("nan"))
-    runner = _Runner(ed, mode, inputs, source, edges, rows, metric, effect)
+    bar = tqdm(total=len(edges), desc="knock_out", unit="edge", disable=not progress)
+    runner = _Runner(ed, mode, inputs, source, edges, rows, metric, effect, bar)
     prefixes = Prefixes.of(ed, inputs.tokens, attention_mask, inputs.clean_out, runner.hidden)
+    if prefixes is None:
+        logger.info("knock_out: no causal shortcut on %s (full forwards)", spec.model_name)
     full_path: list[int] = []
     shortcut = False
     # Causal models: edits whose receivers all lie at or after p re-run only positions p… from
@@ -144,6 +165,8 @@ def knock_out(
     for p, indices in _by_first_receiver(rows):
         prefix = prefixes.build(p) if prefixes is not None else None
         if prefix is None:
+            if prefixes is not None:
+                logger.info("knock_out: the shortcut from position %d failed its check", p)
             full_path.extend(indices)
             continue
         shortcut = True
@@ -159,10 +182,18 @@ def knock_out(
     layers_left = sorted({edges[k].layer for k in full_path})
     resid = {layer: inputs.cache[ed.resid_pre(layer)] for layer in layers_left}
     start = ed.start_is_exact(inputs.tokens, attention_mask, resid, inputs.clean_out)
+    if layers_left:
+        logger.info(
+            "knock_out: %d edges by full forwards (starting at their layer: %s)",
+            len(full_path),
+            start,
+        )
     for layer in layers_left:
         indices = [k for k in full_path if edges[k].layer == layer]
         for first in range(0, len(indices), per_forward):
             runner.run_full(indices[first : first + per_forward], resid[layer] if start else None)
+    bar.update(len(edges) - bar.n)  # edges that exist in no row need no forward
+    bar.close()
     return KnockOut(
         effect=effect,
         edges=edges,
@@ -218,9 +249,11 @@ class _Runner:
         rows: list[dict[int, tuple[int, int]]],
         metric: Metric,
         effect: Tensor,
+        bar: Any,
     ) -> None:
         self.ed, self.mode, self.inputs, self.source = ed, mode, inputs, source
         self.edges, self.rows, self.metric, self.effect = edges, rows, metric, effect
+        self.bar = bar
         self.batch = inputs.tokens.shape[0]
         self.hidden = reads_hidden(metric)
         self.n_forwards = 1  # the clean run
@@ -272,6 +305,7 @@ class _Runner:
             out = prefix.run(len(chunk), hooks)
             self._record(lambda s: prefix.full(out[s * batch : (s + 1) * batch]), clean, valid)
         self.n_forwards += 1
+        self.bar.update(len(chunk))
 
     def run_full(self, chunk: Sequence[int], resid: Tensor | None) -> None:
         """Edits of one layer in one full forward (from that layer's clean residual if given)."""
@@ -294,6 +328,7 @@ class _Runner:
             clean = inputs.clean_metric.cpu()
             self._record(lambda s: out[s * batch : (s + 1) * batch], clean, valid)
         self.n_forwards += 1
+        self.bar.update(len(chunk))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Value zeroing (Mohebbi et al. 2023; METHODS.md §4), exact and without a forward per source.
+"""Value zeroing (Mohebbi et al. 2023; methods.md#the-peers-methods), exact and without a forward
+per source.
 
 For layer ``l`` and source ``j``, zeroing ``v^h_j`` (``b_V`` included) in every head removes exactly
 column ``j`` of the attention parts: the attention output at receiver ``i`` becomes
@@ -47,7 +48,7 @@ def value_zeroing(
     final_norm_last: bool = False,
     *,
     verify: bool = True,
-    progress: bool = False,
+    progress: bool = True,
 ) -> MixingMaps:
     """Value-zeroing maps ``vz`` ``[layer, batch, query, key]`` (rows sum to 1 over real tokens).
 
@@ -156,8 +157,10 @@ def zeroing_scores(
     tail = RemovalTail(t, resid, attn, f, branch, fold=fold)
     batch, n, d = resid.shape
     width = d * 4 + hidden_width(t.mlp)
-    # chunks of sources the CPU's cache holds measure fastest (scripts/bench_methods.py)
-    chunk = memory.rows_per_chunk(4 * batch * n * width, n, budget_bytes=memory.CACHE_BLOCK_BYTES)
+    # chunks of sources of a few cache blocks measure fastest: the block tail runs a matmul
+    # per norm and feed-forward branch on each (scripts/bench_methods.py)
+    block = 4 * memory.CACHE_BLOCK_BYTES
+    chunk = memory.rows_per_chunk(4 * batch * n * width, n, budget_bytes=block)
     out = resid.new_zeros(batch, n, n)
     reached = (pattern != 0).any(dim=1).any(dim=0)  # [query, key]: any head, any batch row
     for start in range(0, n, chunk):

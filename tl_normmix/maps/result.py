@@ -1,7 +1,7 @@
 """``MixingMaps``: the one result type every entry point fills (``mixing_maps`` from a cache,
 ``run_mixing_maps`` during the forward pass, ``value_zeroing``).
 
-Every map keeps the orientation of METHODS.md §0: ``[layer, batch, query i, key j]``, rows are
+Every map keeps the orientation of methods.md#notation: ``[layer, batch, query i, key j]``, rows are
 receivers. Layer maps are float32 whatever the cache dtype. Cells that involve a padded token
 (query or key outside ``mask``) are zero in the maps and NaN in per-token statistics.
 
@@ -24,7 +24,7 @@ from tl_normmix.maps.statistics import RowStatistics
 __all__ = ["MixingMaps"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MixingMaps:
     """Token-to-token context-mixing maps for some layers of one batch.
 
@@ -32,7 +32,8 @@ class MixingMaps:
         layers: the model layers computed; dimension 0 of every tensor follows this order.
         maps: scope name -> ``[layer, batch, query, key]`` layer map.
         heads: scope name -> ``[layer, batch, head, query, key]`` for scopes with per-head maps.
-        value_norms: ``‖f^h(x_j)‖`` as ``[layer, batch, head, key]`` (METHODS §1), if requested.
+        value_norms: ``‖f^h(x_j)‖`` as ``[layer, batch, head, key]``, if requested
+            (methods.md#attention-weights-and-norms).
         mask: ``[batch, pos]``, True for real tokens, False for padding.
         convention: ``"raw"`` (the papers' unprocessed weights) or ``"processed"`` (folded layer
             norms, centred writing weights, value biases folded into ``b_O``).
@@ -40,8 +41,8 @@ class MixingMaps:
         tokens: token ids ``[batch, pos]`` if given.
         str_tokens: token strings per batch row if the model has a tokenizer and tokens were given.
         completeness: whole-layer scope -> ``[layer, batch, pos]`` relative residual
-            ``‖Σ_j F_i(x_j) + bias terms − cached output‖ / ‖cached output‖`` (METHODS §3), like
-            captum's convergence delta; NaN at padding.
+            ``‖Σ_j F_i(x_j) + bias terms − cached output‖ / ‖cached output‖``, like captum's
+            convergence delta; NaN at padding (methods.md#the-feed-forward-block).
         causal: whether queries attend only to earlier keys (the model's attention direction).
         verification: layer -> ``{identity: relative error}`` of the self-check
             (``models.checks``); empty when ``verify=False``.
@@ -89,6 +90,46 @@ class MixingMaps:
     def __contains__(self, scope: object) -> bool:
         return scope in self.maps
 
+    def _summary(self) -> list[tuple[str, str]]:
+        batch, pos = self.mask.shape
+        layers = list(self.layers)
+        span = (
+            f"{layers[0]}–{layers[-1]}"
+            if layers == list(range(layers[0], layers[-1] + 1))
+            else layers
+        )
+        rows = [
+            ("model", self.model_name),
+            ("layers", f"{span} ({len(layers)})" if len(layers) > 1 else str(layers[0])),
+            ("batch × tokens", f"{batch} × {pos}" + ("" if bool(self.mask.all()) else " (padded)")),
+            ("maps", ", ".join(self.maps) or "—"),
+            ("per head", ", ".join(self.heads) or "—"),
+            (
+                "convention",
+                f"{self.convention} weights, {'causal' if self.causal else 'bidirectional'}",
+            ),
+        ]
+        if self.stats:
+            rows.append(("statistics", ", ".join(self.stats)))
+        if self.completeness:
+            worst = max(float(r.nan_to_num(0.0).max()) for r in self.completeness.values())
+            rows.append(("completeness", f"worst {worst:.1e}"))
+        return rows
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value}" for key, value in self._summary())
+        return f"MixingMaps({fields})"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in self._summary()
+        )
+        return f"<table><caption>MixingMaps</caption>{body}</table>"
+
     @property
     def scopes(self) -> tuple[str, ...]:
         return tuple(self.maps) or tuple(self.stats)
@@ -106,7 +147,8 @@ class MixingMaps:
         return self.layers.index(layer)
 
     def mixing_ratio(self, scope: str) -> Float[Tensor, "layer batch query_pos"]:
-        """Context-mixing ratio ``r_i`` per receiving token (METHODS §2); NaN at padded queries.
+        """Context-mixing ratio ``r_i`` per receiving token (methods.md#residual-and-layer-norm);
+        NaN at padded queries.
 
         Norm scopes: ``‖Σ_{j≠i} F_i(x_j)‖ / (‖Σ_{j≠i} F_i(x_j)‖ + ‖F_i(x_i)‖)``; ``attn_w``:
         ``Σ_{j≠i} ᾱ_ij``; ``attnres_w``: half of that.

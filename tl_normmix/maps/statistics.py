@@ -1,4 +1,5 @@
-"""Per-receiver statistics of a layer map, for inputs too long to keep ``N×N`` maps (METHODS §7).
+"""Per-receiver statistics of a layer map, for inputs too long to keep ``N×N`` maps
+(methods.md#long-inputs).
 
 Each row ``i`` of a map is read as shares ``p_ij = m_ij / Σ_j m_ij`` over the real keys:
 

@@ -70,13 +70,15 @@ def run_mixing_maps(
             strongest sources per receiver), value norms in ``maps.value_norms``.
         attention_mask: ``[batch, pos]`` padding mask (1 = token), passed to the model; default
             derived from the tokens as TransformerLens does for a padded batch.
-        value_norms, verify, options: as for ``mixing_maps`` (``value_norms`` default: with
-            ``keep="stats"``).
+        value_norms: as for ``mixing_maps`` (default: with ``keep="stats"``).
+        verify: as for ``mixing_maps``.
+        options: as for ``mixing_maps``.
         keep_heads: keep the factors of per-head maps (``H`` times the layer maps; with
             ``keep="maps"`` only).
         dtype: the dtype of the kept maps (``torch.float16`` halves them); computed in float32.
-        top_k, window, sink_tokens: ``keep="stats"``: sources kept per receiver, the window of
-            ``window_share`` and the tokens of ``sink_share``.
+        top_k: ``keep="stats"``: sources kept per receiver.
+        window: ``keep="stats"``: the previous tokens of ``window_share``.
+        sink_tokens: ``keep="stats"``: the first tokens of ``sink_share``.
         stop_at_layer: layers from it on are not run (as in TransformerLens).
         check_memory: estimate the peak before the forward pass and refuse what will not fit.
         progress: a progress bar over the layers.
@@ -308,6 +310,12 @@ def _check_memory(
         )
 
     needed = need(pos, keep)
+    logger.info(
+        "run_mixing_maps: about %.2f GiB needed, %.2f GiB free on %s",
+        needed / 2**30,
+        free / 2**30,
+        tokens.device,
+    )
     if needed <= free:
         return
     fits = pos

@@ -1,13 +1,13 @@
 """Running a model with edits of its attention: the TransformerLens side of interventions.
 
-Every intervention of METHODS §5 edits the per-head mixed values ``z^h_i = Σ_j α^h_ij v^h_j``
-(``attn.hook_z``, ``[batch, pos, head, d_head]``): removing, renormalising, patching or
-mean-ablating the term of an edge is a closed-form change of ``z^h_i``, and the attention output is
-``Σ_h z^h_i W_O^h + b_O``, so the edit of the output is exactly the edit of the edge's term
-``p_e = α^h_ij v^h_j W_O^h``. ``hook_z`` is live on every family (an edit propagates), unlike the
-pattern — TransformerLens fires ``hook_pattern`` after the fact on BERT, RoBERTa, GPT-Neo, GPT-J,
-OPT and ModernBERT, where edits of it are discarded — and unlike ``attn.o.hook_out`` on many
-bridges. Grouped-query attention needs nothing special: ``z`` is per query head.
+Every intervention of methods.md#interventions-on-edges edits the per-head mixed values ``z^h_i =
+Σ_j α^h_ij v^h_j`` (``attn.hook_z``, ``[batch, pos, head, d_head]``): removing, renormalising,
+patching or mean-ablating the term of an edge is a closed-form change of ``z^h_i``, and the
+attention output is ``Σ_h z^h_i W_O^h + b_O``, so the edit of the output is exactly the edit of the
+edge's term ``p_e = α^h_ij v^h_j W_O^h``. ``hook_z`` is live on every family (an edit propagates),
+unlike the pattern — TransformerLens fires ``hook_pattern`` after the fact on BERT, RoBERTa,
+GPT-Neo, GPT-J, OPT and ModernBERT, where edits of it are discarded — and unlike ``attn.o.hook_out``
+on many bridges. Grouped-query attention needs nothing special: ``z`` is per query head.
 
 An ``Editor`` (one per model) runs the model from tokens or from the residual stream entering a
 layer (``start_at_layer``, used only where it reproduces the full forward on the run at hand:

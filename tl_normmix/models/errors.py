@@ -20,8 +20,8 @@ class MissingHookError(LookupError):
 
 
 class VerificationError(ValueError):
-    """An identity that makes the maps exact does not hold on the cache at hand (METHODS §2–3):
-    the maps would be wrong, so none are returned."""
+    """An identity that makes the maps exact does not hold on the cache at hand
+    (methods.md#residual-and-layer-norm): the maps would be wrong, so none are returned."""
 
     def __init__(self, message: str, *, layer: int, identity: str, error: float) -> None:
         super().__init__(message)

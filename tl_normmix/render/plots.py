@@ -5,13 +5,14 @@ state; in a notebook with ``%matplotlib inline`` or pyplot imported, a returned 
 itself), and returns the figure. ``figure_block`` turns a
 figure into a page block (an embedded PNG, no external file).
 
-* ``mixing_ratios``: the mean context-mixing ratio per layer, one line per scope (METHODS §2);
+* ``mixing_ratios``: the mean context-mixing ratio per layer, one line per scope
+(methods.md#residual-and-layer-norm);
 * ``sink_shares``: the share the sink token receives by attention weight (``attn_w``) and by
   norm (``attn_n``) per layer (Kobayashi et al. 2020);
 * ``contextualization_changes``: ``1 − Spearman ρ`` between consecutive scopes per layer
-  (METHODS §3; Kobayashi et al. 2024);
+  (methods.md#the-feed-forward-block; Kobayashi et al. 2024);
 * ``agreement``: per layer and scope, how well a map ranks exact intervention effects
-  (``nm.agreement``; METHODS §5);
+  (``nm.agreement``; methods.md#interventions-on-edges);
 * ``faithfulness``: the share of the clean−ablated gap recovered against the fraction of edges
   kept, one line per scoring (``nm.faithfulness_curve``).
 """

@@ -9,7 +9,11 @@ so its maximum is taken from the data shown (per view; per-head views share one 
 compare), unless ``max_value`` is given.
 
 >>> nm.views.heads(maps, "attn_n", layer=3)          # doctest: +SKIP
->>> nm.views.compare(maps, layer=3)                  # doctest: +SKIP
+>>> nm.views.compare(maps, layer=3).save("compare.html")   # doctest: +SKIP
+>>> nm.views.save([view_a, view_b], "views.html")    # doctest: +SKIP
+
+In a notebook the CircuitsVis bundle goes into the session's first output only;
+``nm.views.bundle_mode("inline" | "cdn" | "once")`` changes that.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from torch import Tensor
 
 from tl_normmix.aggregate.rollouts import rollout as rollout_of
 from tl_normmix.maps import MixingMaps
-from tl_normmix.render.page import Row, View
+from tl_normmix.render.page import Row, View, bundle_mode, save
 
 __all__ = [
     "PROBABILITY_SCOPES",
+    "Row",
+    "View",
+    "bundle_mode",
     "compare",
     "effects",
     "heads",
@@ -32,6 +39,7 @@ __all__ = [
     "reads_from",
     "rollout",
     "routes",
+    "save",
     "value_norms",
     "writes_to",
 ]

@@ -5,11 +5,12 @@ when complete)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tl_normmix.render.page import write_atomic
 
 __all__ = ["check_output_path", "check_text", "tokenize", "write_atomic"]
 
@@ -58,17 +59,3 @@ def tokenize(model: Any, text: str, *, truncate: bool = False) -> torch.Tensor:
 def _to_tokens(model: Any, text: str, *, truncate: bool) -> torch.Tensor:
     tokens = model.to_tokens(text, truncate=truncate)
     return tokens[0] if isinstance(tokens, tuple) else tokens  # HookedEncoder: (ids, types, mask)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that the file appears complete or not at all."""
-    folder = path.parent if str(path.parent) else Path(".")
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

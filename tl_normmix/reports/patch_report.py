@@ -69,8 +69,10 @@ def build_patch_report(
     *,
     scopes: Sequence[str] = ("attn_w", "attn_n", "attnres_n"),
     new_id: Callable[[], str] | None = None,
+    progress: bool = False,
 ) -> str:
-    """The page's HTML for ``tokens`` (``[1, pos]``) on ``model``."""
+    """The page's HTML for ``tokens`` (``[1, pos]``) on ``model`` (``progress``: bars over the
+    knock-outs and the attribution)."""
     start = time.perf_counter()
     metric, description = default_metric(model, tokens)
     names = hook_filter(model, scopes)
@@ -78,14 +80,15 @@ def build_patch_report(
         _, cache = model.run_with_cache(tokens, names_filter=names)
     maps = mixing_maps(model, cache, scopes, tokens=tokens)
     del cache
-    ko = knock_out(model, tokens, edges(heads=None), metric)
-    att = edge_attribution(model, tokens, metric)
+    ko = knock_out(model, tokens, edges(heads=None), metric, progress=progress)
+    att = edge_attribution(model, tokens, metric, progress=progress)
     report = agreement([maps, att.as_maps()], ko, k=5)
     curves = [
-        (scope, faithfulness_curve(model, tokens, metric, maps[scope], FRACTIONS))
+        (scope, faithfulness_curve(model, tokens, metric, maps[scope], FRACTIONS, progress=False))
         for scope in scopes
     ]
-    curves.append(("attribution", faithfulness_curve(model, tokens, metric, att.maps.abs())))
+    by_attribution = faithfulness_curve(model, tokens, metric, att.maps.abs(), progress=False)
+    curves.append(("attribution", by_attribution))
     effects = ko.as_maps()
     seconds = time.perf_counter() - start
     spec = adapt(model).spec
@@ -95,7 +98,7 @@ def build_patch_report(
         (
             "intervention",
             f"'{ko.mode}' of each (layer, source) edge into the last token, all "
-            "heads together, alone; exact (METHODS §5)",
+            "heads together, alone; exact",
         ),
         ("edges / forwards", f"{len(ko.edges)} / {ko.n_forwards}"),
         ("weight convention", ko.convention),

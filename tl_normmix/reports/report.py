@@ -94,7 +94,7 @@ def build_report(
         del cache
     items = _plots(maps)
     if methods:
-        items += _methods(model, tokens, maps)
+        items += _methods(model, tokens, maps, progress)
     layer_items = _layer if maps.maps else _layer_statistics
     items += [item for layer in maps.layers for item in layer_items(maps, layer)]
     seconds = time.perf_counter() - start
@@ -112,7 +112,7 @@ def _plots(maps: MixingMaps) -> list[Item]:
         plots.figure_block(
             plots.mixing_ratios(maps),
             title="Mixing ratio per layer",
-            caption="share of each token's update that comes from the other tokens (METHODS §2)",
+            caption="share of each token's update that comes from the other tokens",
         )
     ]
     if not maps.maps:  # statistics only (a long text)
@@ -121,7 +121,7 @@ def _plots(maps: MixingMaps) -> list[Item]:
                 plots.reach(maps),
                 title="Where tokens read from",
                 caption="mean share of each row from the first token and from the previous "
-                "tokens, by scope (statistics computed during the forward pass, METHODS §7)",
+                "tokens, by scope (statistics computed during the forward pass)",
             )
         )
         return items
@@ -139,14 +139,15 @@ def _plots(maps: MixingMaps) -> list[Item]:
             plots.figure_block(
                 plots.contextualization_changes(maps),
                 title="Contextualization change between consecutive scopes",
-                caption="1 − Spearman ρ between the maps over the valid cells (METHODS §3)",
+                caption="1 − Spearman ρ between the maps over the valid cells",
             )
         )
     return items
 
 
-def _methods(model: Any, tokens: torch.Tensor, maps: MixingMaps) -> list[Item]:
-    """Where the last token reads from by each method across all layers (METHODS §4)."""
+def _methods(model: Any, tokens: torch.Tensor, maps: MixingMaps, progress: bool) -> list[Item]:
+    """Where the last token reads from by each method across all layers
+    (methods.md#the-peers-methods)."""
     items: list[Item] = [Block('<h2 id="methods">Methods compared</h2>')]
     n = int(maps.mask[0].sum())
     if n > MATRIX_MAX_TOKENS:
@@ -171,12 +172,16 @@ def _methods(model: Any, tokens: torch.Tensor, maps: MixingMaps) -> list[Item]:
     columns["ALTI"] = rollout(every, "alti")[-1]
     notes = []
     try:
-        columns["value zeroing (rollout)"] = rollout(value_zeroing(model, tokens), "vz")[-1]
+        columns["value zeroing (rollout)"] = rollout(
+            value_zeroing(model, tokens, progress=progress), "vz"
+        )[-1]
     except UnsupportedModelError as err:
         notes.append(f"value zeroing: {err}")
     columns["layer_n (last layer)"] = every["layer_n"][-1]
     try:
-        columns["decompose_model (last layer)"] = decompose_model(model, cache).maps[-1]
+        columns["decompose_model (last layer)"] = decompose_model(
+            model, cache, progress=progress
+        ).maps[-1]
     except UnsupportedModelError as err:
         notes.append(f"decompose_model: {err}")
     items.append(views.methods(columns, every))
@@ -319,6 +324,6 @@ def _completeness(maps: MixingMaps) -> str:
     return (
         "<h3>Completeness residuals</h3>"
         '<div class="tlnm-caption">worst token per layer of ‖Σ_j parts + bias terms − cached '
-        "output‖ / ‖cached output‖ (METHODS §3)</div>"
+        "output‖ / ‖cached output‖</div>"
         f'<table class="tlnm-completeness"><tr><th>scope</th>{head}</tr>{body}</table>'
     )
