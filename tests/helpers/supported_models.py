@@ -33,6 +33,7 @@ ALL = (
     "layer_n",
     "globenc_n",
     "alti",
+    "vz",
 )
 _NO_FF = ("attnreslnff_n", "attnreslnffres_n", "attnreslnffresln_n")
 _POST_LN_ONLY = ("attnreslnffresln_n", "globenc_n")

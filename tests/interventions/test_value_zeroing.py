@@ -181,9 +181,10 @@ def test_final_norm_last(hf_root):
 
 
 def test_refusals(hf_root):
-    model = build(Case("gpt2", "raw"), hf_root)
-    with pytest.raises(nm.UnsupportedScopeError, match=r"nm\.value_zeroing"):
-        nm.hook_filter(model, "vz")
     encoder = build(Case("bert", "raw"), hf_root)  # its ln_final is the MLM head's norm
     with pytest.raises(ValueError, match="already normalised"):
         nm.value_zeroing(encoder, tokens(1, N), final_norm_last=True)
+    _, cache = run_with_cache(encoder, tokens(1, N), names_filter=nm.hook_filter(encoder, "vz"))
+    options = nm.ValueZeroingOptions(final_norm_last=True)
+    with pytest.raises(ValueError, match="already normalised"):
+        nm.mixing_maps(encoder, cache, "vz", options=options)

@@ -25,6 +25,7 @@ def test_every_scope_is_listed_once_with_what_it_owns():
         assert set(m.layouts()) == set(LAYOUTS)
         if m.options is not None:
             assert dataclasses.is_dataclass(m.default_options())
+    assert all(m.kernel is not None for m in methods)
     per_head = {m.name for m in methods if m.has_heads}
     assert per_head == {"attn_w", "attn_n", "alti"}
     assert nm.SCOPES["alti"].options is nm.AltiOptions
@@ -36,7 +37,7 @@ def test_layouts_match_the_refusals():
     for m in nm.list_scopes():
         for name, reason in m.layouts().items():
             layout = LAYOUTS[name]
-            if m.kernel is None or reason is not None:
+            if reason is not None:
                 with pytest.raises(UnsupportedScopeError):
                     m.check_layout(layout)
             else:
@@ -48,12 +49,19 @@ def test_layouts_match_the_refusals():
     assert nm.SCOPES["attnresln_n"].layouts()["parallel"] is not None
 
 
-def test_value_zeroing_is_listed_and_sends_users_to_its_entry_point(hf_root):
-    vz = nm.SCOPES["vz"]
-    assert vz.kernel is None and "value_zeroing" in vz.computed_by
+def test_value_zeroing_from_a_cache_equals_its_entry_point(hf_root):
+    """``vz`` is a method of the registry: ``mixing_maps`` computes it from a cache of its hooks,
+    as ``nm.value_zeroing`` does from tokens, with its own options."""
+    assert nm.SCOPES["vz"].options is nm.ValueZeroingOptions
     model = build(Case("gpt2", "raw"), hf_root)
-    with pytest.raises(UnsupportedScopeError, match=r"nm\.value_zeroing"):
-        nm.hook_filter(model, "vz")
+    toks = tokens(1, 6)
+    _, cache = run_with_cache(model, toks, names_filter=nm.hook_filter(model, ("vz", "attn_w")))
+    maps = nm.mixing_maps(model, cache, ("attn_w", "vz"), progress=False)
+    direct = nm.value_zeroing(model, toks, progress=False)
+    torch.testing.assert_close(maps["vz"], direct["vz"])
+    last = nm.mixing_maps(model, cache, "vz", options=nm.ValueZeroingOptions(final_norm_last=True))
+    assert not torch.allclose(last["vz"][-1], maps["vz"][-1])
+    torch.testing.assert_close(last["vz"][:-1], maps["vz"][:-1])
 
 
 def test_options_reach_the_method_and_are_refused_where_no_scope_takes_them(hf_root):

@@ -21,9 +21,12 @@ def _notebook(mode: str) -> nbformat.NotebookNode:
         "from tl_normmix.maps import MixingMaps\n"
         f"nm.views.bundle_mode({mode!r})\n"
         "n = 6\n"
-        "weights = torch.softmax(torch.randn(2, 1, 3, n, n, generator=torch.Generator().manual_seed(0)), -1)\n"
-        "maps = MixingMaps(layers=(0, 1), maps={'attn_w': weights.mean(2)}, heads={'attn_w': weights},\n"
-        "    ratios={}, mask=torch.ones(1, n, dtype=torch.bool), convention='raw', model_name='toy')\n"
+        "seed = torch.Generator().manual_seed(0)\n"
+        "weights = torch.softmax(torch.randn(2, 1, 3, n, n, generator=seed), -1)\n"
+        "maps = MixingMaps(\n"
+        "    layers=(0, 1), maps={'attn_w': weights.mean(2)}, heads={'attn_w': weights},\n"
+        "    ratios={}, mask=torch.ones(1, n, dtype=torch.bool), convention='raw',\n"
+        "    model_name='toy')\n"
     )
     cells = [nbformat.v4.new_code_cell(setup)]
     cells += [

@@ -5,7 +5,13 @@ from tl_normmix.maps.cached import HookFilter, hook_filter, mixing_maps
 from tl_normmix.maps.engine import MapsOptions
 from tl_normmix.maps.method import Method, UnsupportedScopeError
 from tl_normmix.maps.result import MixingMaps
-from tl_normmix.maps.scopes import SCOPES, AltiOptions, FFOptions, list_scopes
+from tl_normmix.maps.scopes import (
+    SCOPES,
+    AltiOptions,
+    FFOptions,
+    ValueZeroingOptions,
+    list_scopes,
+)
 from tl_normmix.maps.statistics import RowStatistics
 from tl_normmix.maps.streaming import run_mixing_maps
 
@@ -19,6 +25,7 @@ __all__ = [
     "MixingMaps",
     "RowStatistics",
     "UnsupportedScopeError",
+    "ValueZeroingOptions",
     "hook_filter",
     "list_scopes",
     "mixing_maps",

@@ -158,7 +158,9 @@ def compute_layer(
             model_name=adapter.spec.model_name,
             causal=adapter.spec.causal,
         )
-    inputs = LayerInputs(t, mask, pattern, plan.value_norms, _block_rows(t))
+    last = layer == adapter.spec.n_layers - 1
+    final = adapter.final_norm() if last else None
+    inputs = LayerInputs(t, mask, pattern, plan.value_norms, _block_rows(t), last, final)
     result = LayerResult({}, {}, {}, LayerFactors(pattern, None), checked)
     for kernel, methods in plan.kernels:
         out = kernel(inputs, methods, plan.options)

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from tl_normmix.decompose.blocks import MULTIPLIER, BlockLayout, LayerTensors, Stage
+from tl_normmix.decompose.blocks import MULTIPLIER, BlockLayout, LayerTensors, NormSpec, Stage
 
 __all__ = [
     "LAYOUTS",
@@ -42,14 +42,16 @@ class UnsupportedScopeError(NotImplementedError):
 @dataclass(frozen=True)
 class LayerInputs:
     """What a kernel reads of one layer: the adapter's tensors, the run's padding mask, the
-    pattern with padding masked (None where the scopes read none), and the chunk sizes of the
-    memory policy for this layer's shapes."""
+    pattern with padding masked (None where the scopes read none), the chunk sizes of the
+    memory policy for this layer's shapes, and — at the model's last layer — its final norm."""
 
     tensors: LayerTensors
     mask: Bool[Tensor, "batch pos"]
     pattern: Float[Tensor, "batch head_index query_pos key_pos"] | None
     value_norms: bool  # the caller asked for ‖f^h(x_j)‖
     rows: Callable[[int], int]  # rows per chunk of a pass whose rows hold this many bytes
+    last: bool = False  # the model's last layer
+    final_norm: NormSpec | None = None  # the norm after the last block (last layer only)
 
 
 @dataclass
@@ -100,7 +102,8 @@ class Method:
     ``heads``: builds one layer's per-head map ``[batch, head, query, key]`` (None: the scope
     has none); ``extras``: further per-layer products of the same parts by name (ALTI's
     ``residual_share``); ``computed_by``: the entry point that computes it where that is not
-    ``mixing_maps`` (an intervention: refused there, listed for discovery).
+    ``mixing_maps`` (refused there, listed for discovery); ``reads``: the stage whose cache roles
+    a method that decomposes no stage itself reads (value zeroing: the block output's).
     """
 
     name: str
@@ -115,6 +118,7 @@ class Method:
     computed_by: str = "mixing_maps"
     refuse: Callable[[BlockLayout], str | None] | None = None  # beyond the stage's own refusal
     alternative: str = "Use 'layer_n' (the block output)"
+    reads: Stage | None = None  # the stage whose roles it reads, where it is no stage itself
 
     @property
     def has_heads(self) -> bool:
@@ -144,8 +148,9 @@ class Method:
     def roles(self, layout: BlockLayout) -> frozenset[str]:
         """The cache roles the method reads in blocks of ``layout`` (its maps' own inputs)."""
         self.check_layout(layout)
-        assert self.stage is not None
-        return stage_roles(self.stage, layout)
+        stage = self.stage or self.reads
+        assert stage is not None, f"{self.name}: a method reads a stage's roles"
+        return stage_roles(stage, layout)
 
     def layouts(self) -> dict[str, str | None]:
         """Each layout of ``LAYOUTS`` → None where the method applies, else the reason."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from tl_normmix.maps.method import Method, UnsupportedScopeError
 from tl_normmix.maps.methods import attention, peers, whole_layer
-from tl_normmix.maps.methods.peers import AltiOptions
+from tl_normmix.maps.methods.peers import AltiOptions, ValueZeroingOptions
 from tl_normmix.maps.methods.whole_layer import WHOLE_LAYER_SCOPES, FFOptions
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "AltiOptions",
     "FFOptions",
     "UnsupportedScopeError",
+    "ValueZeroingOptions",
     "list_scopes",
     "resolve_options",
     "resolve_scopes",

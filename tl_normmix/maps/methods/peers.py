@@ -1,6 +1,6 @@
 """The peers' per-layer maps: GlobEnc (Modarressi et al. 2022), ALTI (Ferrando et al. 2022) and
-its per-head form, the information-flow routes; value zeroing (Mohebbi et al. 2023) is listed
-here and computed by its own entry point. Docs: methods, "The peers' methods".
+its per-head form, the information-flow routes, and value zeroing (Mohebbi et al. 2023). Docs:
+methods, "The peers' methods".
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any, Literal
 from torch import Tensor
 
 from tl_normmix import memory
-from tl_normmix.decompose import alti
+from tl_normmix.decompose import alti, value_zeroing
 from tl_normmix.decompose.attention_block import alti_inputs_for
 from tl_normmix.decompose.blocks import Stage
 from tl_normmix.maps.method import HeadFactors, KernelOutput, LayerInputs, Method
 from tl_normmix.maps.methods.attention import norms_kernel
 
-__all__ = ["METHODS", "AltiOptions", "alti_kernel"]
+__all__ = ["METHODS", "AltiOptions", "ValueZeroingOptions", "alti_kernel", "value_zeroing_kernel"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,50 @@ def alti_kernel(
     return out
 
 
+@dataclass(frozen=True)
+class ValueZeroingOptions:
+    """Value zeroing's convention.
+
+    Attributes:
+        final_norm_last: compare the last layer's outputs after the model's final norm, as
+            inseq's implementation does (its other layers use the block outputs); refused on
+            post-LN blocks, whose output is normalised already.
+    """
+
+    final_norm_last: bool = False
+
+
+def value_zeroing_kernel(
+    layer: LayerInputs, methods: Mapping[str, Method], options: Mapping[str, Any]
+) -> KernelOutput:
+    """``1 − cos`` of the block output with each source's values zeroed, rows normalised
+    (methods §4), and the share of the other tokens ``1 − s_ii``."""
+    t, pattern, mask = layer.tensors, layer.pattern, layer.mask
+    assert pattern is not None
+    out = KernelOutput()
+    for name in methods:
+        opts: ValueZeroingOptions = options[name]
+        final = None
+        if opts.final_norm_last and layer.last:
+            if t.layout.post or layer.final_norm is None:
+                raise ValueError(
+                    f"final_norm_last: {t.layout.name} blocks' output is already normalised (the "
+                    "model's ln_final belongs to a task head there); leave it False."
+                    if t.layout.post
+                    else "final_norm_last: the model has no final norm (ln_final) to compare after."
+                )
+            final = layer.final_norm
+        # chunks of sources of a few cache blocks measure fastest: the block tail runs a matmul
+        # per norm and feed-forward branch on each
+        per_source = value_zeroing.source_bytes(t)
+        block = 4 * memory.CACHE_BLOCK_BYTES
+        chunk = memory.rows_per_chunk(per_source, t.pos, budget_bytes=block)
+        scores = value_zeroing.zeroing_scores(t, pattern, mask, final, chunk=chunk)
+        ratio = 1.0 - scores.diagonal(dim1=-2, dim2=-1)
+        out.maps[name], out.ratios[name] = scores, ratio.masked_fill(~mask, float("nan"))
+    return out
+
+
 def _route_heads(factors: HeadFactors, options: AltiOptions) -> Tensor:
     return factors.state.parts(options)[0]
 
@@ -122,8 +166,9 @@ METHODS = (
         "value zeroing: 1 − cos(block output with v_j zeroed, block output), rows normalised",
         _SECTION,
         None,
-        None,
+        value_zeroing_kernel,
         check="through_ff",
-        computed_by="nm.value_zeroing(model, tokens)",
+        options=ValueZeroingOptions,
+        reads=Stage.OUT,
     ),
 )
