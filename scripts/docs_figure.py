@@ -25,9 +25,7 @@ def main() -> None:
     for text in ewt_sentences(50):
         tokens = model.to_tokens(text)
         maps = nm.run_mixing_maps(model, tokens, ("attn_w", "attn_n"))
-        shares.append(
-            torch.stack([nm.analysis.sink_share(maps, s) for s in ("attn_w", "attn_n")])
-        )
+        shares.append(torch.stack([nm.analysis.sink_share(maps, s) for s in ("attn_w", "attn_n")]))
     mean = torch.stack(shares).mean(0)  # [scope, layer]
     import matplotlib
 
