@@ -78,7 +78,7 @@ def test_status_reduce_and_report(hf_root, tmp_path, capsys):
     assert "the other shards remain" in capsys.readouterr().out
     assert main(["corpus", "status", str(out)]) == 0
     assert "3 / 5 chunks" in capsys.readouterr().out
-    assert main(["corpus", "reduce", str(out)]) == 2
+    assert main(["corpus", "reduce", str(out)]) == 1
     assert "3 of 5 chunks done" in capsys.readouterr().err
     assert main([*argv, "--shard", "1/2"]) == 0
     assert main(["corpus", "reduce", str(out)]) == 0
@@ -88,7 +88,7 @@ def test_status_reduce_and_report(hf_root, tmp_path, capsys):
     html = page.read_text()
     assert html.count("data:image/png") == 7  # six head grids and the layer profiles
     assert 'data-component="ColoredTokens"' in html and "Best head per relation" in html
-    assert main(["corpus", "report", str(tmp_path / "nothing"), "--out", str(page)]) == 2
+    assert main(["corpus", "report", str(tmp_path / "nothing"), "--out", str(page)]) == 1
     assert "no summary yet" in capsys.readouterr().err
     bad = tmp_path / "bad.conllu"
     bad.write_text("1\tx\n", encoding="utf-8")
@@ -105,6 +105,6 @@ def test_status_reduce_and_report(hf_root, tmp_path, capsys):
                 str(tmp_path / "b"),
             ]
         )
-        == 2
+        == 1
     )
     assert "bad.conllu:1: expected 10 tab-separated fields" in capsys.readouterr().err

@@ -123,10 +123,33 @@ def test_an_interrupted_run_resumes_to_the_same_result(
         nm.corpus.analyse(model, corpus, out, SCOPES, config=cfg())
     monkeypatch.setattr(Store, "commit", commit)
     assert nm.corpus.status(out)["chunks_done"] == 2
-    (out / "parts" / "agg" / ".tmp-orphan").write_bytes(b"half a file")
+    orphan, live, foreign = _temporary_files(out / "parts" / "agg")
+    assert nm.corpus.status(out)["orphans"] == 2  # the dead writer's and the stale foreign one
     resumed = nm.corpus.analyse(model, corpus, out, SCOPES, config=cfg())
     assert nm.corpus.status(out)["orphans"] == 0
+    assert not orphan.exists() and not foreign.exists() and live.exists()  # a live writer's stays
     _equal(whole, resumed)
+
+
+def _temporary_files(folder):
+    """A temporary file of a dead process of this host, one of this (live) process, and one of
+    another host untouched for two hours."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    host = socket.gethostname().replace("-", "_")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = folder / f".tmp-{host}-{gone.pid}-x"
+    live = folder / f".tmp-{host}-{os.getpid()}-y"
+    foreign = folder / ".tmp-elsewhere-12345-z"
+    for path in (orphan, live, foreign):
+        path.write_bytes(b"half a file")
+    old = time.time() - 7200
+    os.utime(foreign, (old, old))
+    return orphan, live, foreign
 
 
 def test_shards_and_a_twice_committed_chunk_equal_one_run(hf_root, corpus, tmp_path):
@@ -139,7 +162,8 @@ def test_shards_and_a_twice_committed_chunk_equal_one_run(hf_root, corpus, tmp_p
     _equal(whole, nm.corpus.reduce(out))
     store = Store(out)
     again = ChunkAnalyser(model, SCOPES, batch_size=4).run(make_plan([corpus], 7).chunk(1))
-    store.commit(1, again)
+    assert not store.commit(1, again)  # done already: not committed twice
+    assert sorted(chunk for chunk, _, _ in store.commits()) == list(range(len(store.done())))
     _equal(whole, nm.corpus.reduce(out))
     _equal(whole, nm.corpus.reduce(out))  # idempotent
 

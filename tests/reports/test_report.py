@@ -93,18 +93,25 @@ def test_output_path_is_checked_first(tmp_path):
     [
         (["--model", "all-MiniLM-L6-v2", "--text", "  "], "text is empty"),
         (["--model", "./no/such/folder", "--text", "x"], "expected a packaged model"),
-        (["--model", "all-MiniLM-L6-v2", "--text", "x", "--layers", "a"], "expected integers"),
     ],
 )
 def test_bad_input_exits_non_zero_and_writes_nothing(args, message, tmp_path, capsys):
-    assert main(["report", *args, "--out", str(tmp_path / "r.html"), "--quiet"]) == 2
+    assert main(["report", *args, "--out", str(tmp_path / "r.html"), "--quiet"]) == 1
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_usage_error_exits_2_and_writes_nothing(tmp_path, capsys):
+    args = ["--model", "all-MiniLM-L6-v2", "--text", "x", "--layers", "a"]
+    with pytest.raises(SystemExit) as exit:
+        main(["report", *args, "--out", str(tmp_path / "r.html"), "--quiet"])
+    assert exit.value.code == 2 and "expected integers" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_output_is_refused_before_loading(tmp_path, capsys):
     out = tmp_path / "no" / "r.html"
-    assert main(["report", "--model", "never-loaded", "--text", "x", "--out", str(out)]) == 2
+    assert main(["report", "--model", "never-loaded", "--text", "x", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and "loading" not in err
 
@@ -127,7 +134,7 @@ def test_report_on_packaged_model(tmp_path, capsys):
 def test_text_longer_than_the_context(tmp_path, capsys):
     out = tmp_path / "r.html"
     args = ["report", "--model", "minilm", "--text", "word " * 600, "--out", str(out), "--quiet"]
-    assert main(args) == 2
+    assert main(args) == 1
     assert "602 tokens but" in capsys.readouterr().err and not out.exists()
     cheap = ["--layers", "0", "--scopes", "attn_w,attn_n"]
     assert main([*args, "--truncate", *cheap]) == 0
@@ -142,6 +149,6 @@ def test_failure_while_rendering_leaves_nothing(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(report.views, "value_norms", broken)
     args = ["report", "--model", "minilm", "--text", TEXT, "--out", str(tmp_path / "r.html")]
-    assert main([*args, "--quiet"]) == 2
+    assert main([*args, "--quiet"]) == 1
     assert "rendering failed" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

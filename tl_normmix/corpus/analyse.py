@@ -1,9 +1,11 @@
 """``nm.corpus.analyse``: plan, fingerprint, compute the chunks not yet done, reduce.
 
 Exactly-once and resumable whatever happens: the plan (fixed chunks of sentence ids) and the
-fingerprint are written to ``manifest.json`` on the first run; every later run (a resume, another
-shard, another engine) checks its fingerprint against it and computes only the chunks without an
-``agg`` part. When every chunk is done, ``reduce`` writes the summary (idempotent).
+fingerprint go into ``manifest.json``, created by the first process; every other (a resume,
+another shard started at the same moment, another engine) checks its fingerprint against it and
+computes only the chunks without an ``agg`` part, checked again just before each chunk. Commits
+are locked per chunk (``store``): concurrent processes never commit one twice nor delete each
+other's files. When every chunk is done, ``reduce`` writes the summary (idempotent).
 """
 
 from __future__ import annotations
@@ -60,13 +62,14 @@ def analyse(
     todo, bar = _todo(store, plan, config)
 
     def commit(chunk: int, tables: Tables) -> None:
-        store.commit(chunk, tables)
+        store.commit(chunk, tables)  # a chunk another process committed meanwhile is left as it is
         if bar is not None:
             bar.update(plan.chunk_sizes()[chunk])
 
     try:
-        if config.engine == "local":
-            run_local(analyser, todo, commit)
+        if config.engine == "local":  # each chunk checked again just before it is computed
+            fresh = ((c, sentences) for c, sentences in todo if not store.is_done(c))
+            run_local(analyser, fresh, commit)
         else:
             assert spec is not None
             del analyser, model  # the workers build their own
@@ -113,23 +116,20 @@ def _open(
         for folder in ("parts", "summary"):
             shutil.rmtree(store.root / folder, ignore_errors=True)
         store.manifest_path.unlink(missing_ok=True)
-    if store.manifest_path.exists():
+    manifest = {
+        "fingerprint": fp,
+        "chunks": plan.n_chunks,
+        "chunk_sentences": plan.chunk_sizes(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if not store.create_manifest(manifest):  # another process created it: same run?
         differ = mismatch(store.read_manifest()["fingerprint"], fp)
         if differ:
             raise ValueError(
                 f"{store.root} holds a run with another fingerprint (differs in: "
                 f"{', '.join(differ)}); use a new --out, or --restart to discard it."
             )
-    else:
-        store.write_manifest(
-            {
-                "fingerprint": fp,
-                "chunks": plan.n_chunks,
-                "chunk_sentences": plan.chunk_sizes(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-        )
-    store.sweep()
+    store.sweep()  # only files whose writer is gone: other shards keep theirs
     return store
 
 
@@ -163,7 +163,7 @@ def status(out: str | os.PathLike[str]) -> dict[str, Any]:
         "chunks": manifest["chunks"],
         "sentences_done": sum(sizes[c] for c in done if c < len(sizes)),
         "sentences": sum(sizes),
-        "orphans": len(list(store.root.glob("**/.tmp-*"))),
+        "orphans": len(store.orphans()),
         "reduced": store.summary("agg").exists(),
         "fingerprint": manifest["fingerprint"],
     }
