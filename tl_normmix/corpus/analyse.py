@@ -56,6 +56,8 @@ def analyse(
         "batch_size": config.batch_size,
         "top_k": config.top_k,
         "truncate": config.truncate,
+        "tokenization": config.tokenization,
+        "alignment": config.alignment,
     }
     analyser = ChunkAnalyser(model, **options)  # refuses models without a fast tokenizer
     store = _open(out, config, fingerprint(model, model_ref, plan, analyser.scopes, config), plan)

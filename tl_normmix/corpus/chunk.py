@@ -26,7 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tl_normmix.corpus.alignment import Aligned, AlignmentError, align
+from tl_normmix.corpus.alignment import (
+    Aligned,
+    Alignment,
+    AlignmentError,
+    Tokenization,
+    align,
+    align_words,
+)
 from tl_normmix.corpus.conllu import Sentence
 from tl_normmix.corpus.statistics import (
     DIRECTIONS,
@@ -39,6 +46,7 @@ from tl_normmix.corpus.statistics import (
     SentenceLabels,
     SentenceSums,
     sentence_sums,
+    word_matrices,
 )
 from tl_normmix.corpus.store import Tables
 from tl_normmix.maps import hook_filter, mixing_maps
@@ -84,6 +92,8 @@ class ChunkAnalyser:
         batch_size: int = 16,
         top_k: int = 5,
         truncate: bool = False,
+        tokenization: Tokenization = "text",
+        alignment: Alignment = "strict",
         threads: int | None = None,
     ) -> None:
         if isinstance(model, ModelSpec):
@@ -105,6 +115,8 @@ class ChunkAnalyser:
         self.batch_size = batch_size
         self.top_k = top_k
         self.truncate = truncate
+        self.tokenization, self.alignment = tokenization, alignment
+        self.bos = self._prepended_bos()
         adapter = adapt(model)
         self.causal = adapter.spec.causal
         self.n_ctx = int(model.cfg.n_ctx)
@@ -125,14 +137,26 @@ class ChunkAnalyser:
         ]
 
     # -- tokens -----------------------------------------------------------------------------
-    def prepare(self, sentence: Sentence) -> tuple[Aligned | None, str, str]:
-        """The aligned sentence (or None) with its status and reason."""
-        tokens = self.model.to_tokens(sentence.text, truncate=False, move_to_device=False)
+    def _tl_tokens(self, text: str) -> list[int]:
+        tokens = self.model.to_tokens(text, truncate=False, move_to_device=False)
         if isinstance(tokens, tuple):  # TransformerLens 2.x HookedEncoder: (tokens, types, mask)
             tokens = tokens[0]
-        tokens = tokens[0].tolist()
+        return [int(t) for t in tokens[0].tolist()]
+
+    def _prepended_bos(self) -> int | None:
+        """The token TransformerLens puts before the tokenizer's own tokens (a BOS), if any."""
+        tl = self._tl_tokens("a")
+        ids = list(self.tokenizer("a", add_special_tokens=True)["input_ids"])
+        return tl[0] if tl[1:] == ids else None
+
+    def prepare(self, sentence: Sentence) -> tuple[Aligned | None, str, str]:
+        """The aligned sentence (or None) with its status and reason."""
         try:
-            aligned = align(sentence, self.tokenizer, tokens)
+            if self.tokenization == "words":
+                aligned = align_words(sentence, self.tokenizer, self.bos)
+            else:
+                tokens = self._tl_tokens(sentence.text)
+                aligned = align(sentence, self.tokenizer, tokens, self.alignment)
         except AlignmentError as err:
             return None, "alignment_failed", str(err)
         if len(aligned) <= self.n_ctx:
@@ -259,12 +283,16 @@ def sentence_labels(aligned: Aligned, causal: bool) -> SentenceLabels:
     """The tensors ``sentence_sums`` reads: words renumbered over those that kept a token (all of
     them unless the sentence was truncated), relations and parts of speech as indices."""
     words = aligned.sentence.words
-    keep = sorted({w for w in aligned.piece_word if w >= 0})
+    token_words = [aligned.words_of(t) for t in range(len(aligned))]
+    keep = sorted({w for ws in token_words for w in ws})
     renumber = {old: new for new, old in enumerate(keep)}
     rel = {r: i for i, r in enumerate(RELATIONS)}
     upos = {u: i for i, u in enumerate(UPOS)}
+    columns, rows = word_matrices([tuple(renumber[w] for w in ws) for ws in token_words], len(keep))
     return SentenceLabels(
         piece_word=torch.tensor([renumber.get(w, -1) for w in aligned.piece_word]),
+        columns=columns,
+        rows=rows,
         special=torch.tensor(aligned.special),
         head=torch.tensor([renumber.get(words[w].head, -1) for w in keep], dtype=torch.long),
         relation=torch.tensor(
@@ -282,10 +310,17 @@ def _sync(device: Any) -> None:
 
 def _truncated(aligned: Aligned, n: int) -> Aligned:
     """The first ``n`` tokens; words with a token beyond them leave the sentence's statistics."""
-    cut = set(aligned.piece_word[n:]) - {-1}
-    piece_word = tuple(-1 if w in cut else w for w in aligned.piece_word[:n])
+    token_words = [aligned.words_of(t) for t in range(len(aligned))]
+    cut = {w for ws in token_words[n:] for w in ws}
+    kept = tuple(tuple(w for w in ws if w not in cut) for ws in token_words[:n])
+    piece_word = tuple(ws[0] if ws else -1 for ws in kept)
     return Aligned(
-        aligned.sentence, aligned.tokens[:n], piece_word, aligned.special[:n], aligned.strings[:n]
+        aligned.sentence,
+        aligned.tokens[:n],
+        piece_word,
+        aligned.special[:n],
+        aligned.strings[:n],
+        kept,
     )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
+from tl_normmix.corpus.alignment import Alignment, Tokenization
+
 __all__ = ["CorpusConfig", "Dtype", "Engine", "parse_shard"]
 
 #: Where the chunks are computed: a plain loop, or a Ray Data actor pool (extra ``ray``).
@@ -33,6 +35,11 @@ class CorpusConfig:
         max_sentences: only the first N sentences of the corpus.
         top_k: exemplar sentences kept per head and statistic.
         truncate: cut sentences longer than the model's context (else they are skipped, counted).
+        tokenization: ``"text"`` (the ``# text`` line, as the model reads natural text) or
+            ``"words"`` (each syntactic word tokenised on its own: Clark et al.'s protocol).
+        alignment: ``"strict"`` (a word without a token of its own fails the sentence) or
+            ``"shared"`` (a token spanning several words belongs to each; see the alignment
+            guide).
         engine: ``"local"`` or ``"ray"``.
         shard: ``"K/N"``: only the chunks whose id is K modulo N (SLURM arrays); then ``reduce``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"`` (a model given by name).
@@ -58,6 +65,22 @@ class CorpusConfig:
     truncate: bool = field(
         default=False, metadata=_option("cut sentences longer than n_ctx", analysis=True)
     )
+    tokenization: Tokenization = field(
+        default="text",
+        metadata=_option(
+            "text: the sentence's text tokenised as natural text; words: each word on its own "
+            "(Clark et al.'s protocol)",
+            analysis=True,
+        ),
+    )
+    alignment: Alignment = field(
+        default="strict",
+        metadata=_option(
+            "strict: a word without a token of its own fails the sentence; shared: a token "
+            "spanning words belongs to each of them",
+            analysis=True,
+        ),
+    )
     engine: Engine = field(default="local", metadata=_option("where chunks are computed"))
     shard: str | None = field(
         default=None, metadata=_option("K/N: only chunks with id %% N == K; then reduce")
@@ -78,6 +101,10 @@ class CorpusConfig:
             raise ValueError("batch_size, chunk_size and top_k must be ≥ 1.")
         if self.engine not in get_args(Engine):
             raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}.")
+        if self.tokenization not in get_args(Tokenization):
+            raise ValueError(f"tokenization must be 'text' or 'words', got {self.tokenization!r}.")
+        if self.alignment not in get_args(Alignment):
+            raise ValueError(f"alignment must be 'strict' or 'shared', got {self.alignment!r}.")
         if self.dtype not in get_args(Dtype):
             raise ValueError(f"dtype must be one of {get_args(Dtype)}, got {self.dtype!r}.")
         parse_shard(self.shard)

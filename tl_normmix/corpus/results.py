@@ -61,6 +61,17 @@ class CorpusResult:
 
     # -- helpers ----------------------------------------------------------------------------
     @property
+    def policy(self) -> dict[str, str]:
+        """How words met tokens in this run: ``tokenization``, ``alignment`` and the CoNLL-U
+        reading policy (``words``)."""
+        fp = self.manifest["fingerprint"]
+        return {
+            "tokenization": fp.get("tokenization", "text"),
+            "alignment": fp.get("alignment", "strict"),
+            "words": fp.get("alignment_policy", ""),
+        }
+
+    @property
     def scopes(self) -> list[str]:
         return list(self.manifest["fingerprint"]["scopes"])
 

@@ -7,7 +7,8 @@ chunks and machines merge by addition. Each map row is first divided by its tota
 norms are both shares of what the row receives (a no-op for attention weights).
 
 * **Word maps** (Clark et al. 2019): the map *to* a word sums its tokens' columns, the row *of* a
-  word is the mean of its tokens' rows; special tokens are left out.
+  word is the mean of its tokens' rows; special tokens are left out. A token several words share
+  (alignment ``"shared"``) gives each of them an equal part of its column and its whole row.
 * **Relation accuracy**: ``dep→head`` predicts for each word the other word it attends to most,
   ``head→dep`` the other word that attends most to it; correct when that is its gold head. The
   root's gold head is ROOT, never predicted (counted in "all", as Clark's code does). Baseline:
@@ -44,6 +45,7 @@ __all__ = [
     "SentenceLabels",
     "SentenceSums",
     "sentence_sums",
+    "word_matrices",
 ]
 
 RELATIONS = (  # the 37 universal relations, then unknown labels and all
@@ -119,7 +121,9 @@ FIRST_TOKEN_CUTOFF = 0.9  # entropy: rows with more on the first token are left 
 class SentenceLabels:
     """The alignment and gold annotation of one sentence, as tensors."""
 
-    piece_word: Int[Tensor, " pos"]  # word of each token, -1: none
+    piece_word: Int[Tensor, " pos"]  # the word owning each token, -1: none
+    columns: Float[Tensor, "word pos"]  # each token's column's share for each word (sums to 1)
+    rows: Float[Tensor, "word pos"]  # each word's row: the mean of its tokens' rows
     special: Bool[Tensor, " pos"]
     head: Int[Tensor, " word"]  # gold head word, -1: root
     relation: Int[Tensor, " word"]  # index into RELATIONS
@@ -150,6 +154,20 @@ class SentenceSums:
     exemplar_row: Int[Tensor, "map 3"]
 
 
+def word_matrices(
+    token_words: list[tuple[int, ...]], n_words: int
+) -> tuple[Float[Tensor, "word pos"], Float[Tensor, "word pos"]]:
+    """``(columns, rows)`` of the word maps from the words each token belongs to: a token's
+    column is divided equally among its words, each word's row is the mean of its tokens'."""
+    columns = torch.zeros(n_words, len(token_words), dtype=torch.float64)
+    for t, words in enumerate(token_words):
+        for word in words:
+            columns[word, t] = 1.0 / len(words)
+    member = (columns > 0).double()
+    rows = member / member.sum(-1, keepdim=True).clamp_min(1.0)
+    return columns, rows
+
+
 def _one_hot(index: Tensor, size: int) -> Tensor:
     out = torch.zeros(index.shape[0], size, dtype=torch.float64, device=index.device)
     valid = index >= 0
@@ -168,9 +186,8 @@ def sentence_sums(maps: Float[Tensor, "map pos pos"], labels: SentenceLabels) ->
     w = labels.n_words
     word = labels.piece_word.to(device)
     is_word = word >= 0
-    columns = _one_hot(word, w).T  # [word, pos]: 1 where the token is the word's
-    rows = columns / columns.sum(-1, keepdim=True)
-    word_rows = rows @ a  # [map, word, pos]
+    columns = labels.columns.to(device)  # [word, pos]
+    word_rows = labels.rows.to(device) @ a  # [map, word, pos]
     word_map = word_rows @ columns.T  # [map, word, word]
 
     # Relation accuracy (both directions) and the offset baseline.

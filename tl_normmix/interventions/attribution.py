@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from tl_normmix.interventions.run import Metric, capture, check_metric
 from tl_normmix.maps import MixingMaps
+from tl_normmix.maps.mask import check_attention_mask, check_tokens
 from tl_normmix.models.editing import editor, reads_hidden
 
 __all__ = ["EdgeAttribution", "edge_attribution"]
@@ -78,11 +79,10 @@ def edge_attribution(
         raise ValueError(f"mode={mode!r}: edge_attribution supports 'remove' and 'patch'.")
     ed = editor(model)
     spec = ed.adapter.spec
-    tokens = tokens if tokens.ndim == 2 else tokens[None]
-    tokens = tokens.to(ed.device)
+    tokens = check_tokens(tokens).to(ed.device)
     batch, pos = tokens.shape
     mask = (
-        attention_mask.to(ed.device).bool()
+        check_attention_mask(attention_mask, (batch, pos)).to(ed.device)
         if attention_mask is not None
         else torch.ones_like(tokens, dtype=torch.bool)
     )
@@ -91,7 +91,7 @@ def edge_attribution(
     if mode == "patch":
         if source_tokens is None or tuple(source_tokens.shape[-1:]) != (pos,):
             raise ValueError("mode='patch' needs source_tokens of the same shape as tokens.")
-        src = source_tokens if source_tokens.ndim == 2 else source_tokens[None]
+        src = check_tokens(source_tokens, "source_tokens")
         if src.shape != tokens.shape:
             raise ValueError(
                 f"source_tokens has shape {tuple(src.shape)} but tokens {tuple(tokens.shape)}."

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from tl_normmix.interventions.edges import EdgeSet
 from tl_normmix.interventions.run import Metric, capture, prepare, resolve_rows
+from tl_normmix.maps.mask import check_tokens
 from tl_normmix.models.editing import Editor, editor, reads_hidden
 
 __all__ = ["FaithfulnessCurve", "KeptCircuit", "faithfulness_curve", "keep_only"]
@@ -273,7 +274,7 @@ def _background(
         return None
     if source_tokens is None:
         raise ValueError(f"ablation={ablation!r} needs source_tokens.")
-    source = source_tokens if source_tokens.ndim == 2 else source_tokens[None]
+    source = check_tokens(source_tokens, "source_tokens")
     if source.shape[-1] != inputs.tokens.shape[-1] or (
         ablation == "patch" and source.shape != inputs.tokens.shape
     ):

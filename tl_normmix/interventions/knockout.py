@@ -40,6 +40,7 @@ from tl_normmix import memory
 from tl_normmix.interventions.edges import Edge, EdgeSet
 from tl_normmix.interventions.run import Metric, RunInputs, capture, prepare, resolve_rows
 from tl_normmix.maps import MixingMaps
+from tl_normmix.maps.mask import check_tokens
 from tl_normmix.models.editing import Editor, editor, reads_hidden
 from tl_normmix.models.prefix import Prefix, Prefixes
 
@@ -145,6 +146,7 @@ def knock_out(
         raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}.")
     ed = editor(model)
     spec = ed.adapter.spec
+    tokens = check_tokens(tokens)
     pos = tokens.shape[-1]
     edges = E.resolve(spec.n_layers, spec.block.n_heads, pos)
     layers = sorted({e.layer for e in edges})
@@ -354,7 +356,7 @@ def _source_terms(
             f"mode={mode!r} needs source_tokens: the counterfactual run ('patch', same shape as "
             "tokens) or the reference batch ('mean', same length)."
         )
-    source = source_tokens if source_tokens.ndim == 2 else source_tokens[None]
+    source = check_tokens(source_tokens, "source_tokens")
     if source.shape[-1] != inputs.tokens.shape[-1] or (
         mode == "patch" and source.shape != inputs.tokens.shape
     ):

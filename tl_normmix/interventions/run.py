@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from tl_normmix.interventions.edges import Edge
+from tl_normmix.maps.mask import check_attention_mask, check_tokens
 from tl_normmix.models.editing import Editor, reads_hidden
 
 __all__ = ["Metric", "RunInputs", "capture", "check_metric", "prepare", "resolve_rows"]
@@ -44,16 +45,10 @@ def prepare(
     attention_mask: Tensor | None,
 ) -> RunInputs:
     """One clean forward caching what edits of ``layers`` read, and the clean metric."""
-    tokens = tokens if tokens.ndim == 2 else tokens[None]
-    tokens = tokens.to(ed.device)
+    tokens = check_tokens(tokens).to(ed.device)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     if attention_mask is not None:
-        if tuple(attention_mask.shape) != tuple(tokens.shape):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but tokens "
-                f"{tuple(tokens.shape)}."
-            )
-        mask = attention_mask.to(ed.device).bool()
+        mask = check_attention_mask(attention_mask, tuple(tokens.shape)).to(ed.device)
     names = sorted(frozenset(ed.clean_hooks(layers)))
     cache: dict[str, Tensor] = {}
     with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
+from tl_normmix.maps.mask import check_tokens
 from tl_normmix.maps.methods.peers import ValueZeroingOptions
 from tl_normmix.models.adapter import adapt
 from tl_normmix.models.editing import editor
@@ -56,7 +57,7 @@ def value_zeroing(
         raise ValueError(
             f"{adapter.spec.model_name} has no final norm (ln_final) to compare after."
         )
-    tokens = tokens if tokens.ndim == 2 else tokens[None]
+    tokens = check_tokens(tokens)
     ed = editor(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(

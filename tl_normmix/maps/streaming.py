@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tl_normmix import memory
 from tl_normmix.maps.engine import MapsBuilder, MapsOptions, MapsPlan, compute_layer, plan_maps
+from tl_normmix.maps.mask import check_attention_mask, check_tokens
 from tl_normmix.maps.result import MixingMaps
 from tl_normmix.maps.statistics import RowStatistics, row_statistics, stack_statistics
 from tl_normmix.models.adapter import ModelAdapter, adapt
@@ -92,7 +93,9 @@ def run_mixing_maps(
     engine = MapsOptions.of(stats if value_norms is None else value_norms, verify, options)
     plan = plan_maps(adapter, scopes, engine)
     ed = editor(model)
-    tokens = (tokens if tokens.ndim == 2 else tokens[None]).to(ed.device)
+    tokens = check_tokens(tokens).to(ed.device)
+    if attention_mask is not None:
+        attention_mask = check_attention_mask(attention_mask, tuple(tokens.shape)).long()
     _check_length(model, adapter, tokens)
     layer_list = _layers(adapter, layers, stop_at_layer)
     if check_memory:

@@ -80,6 +80,26 @@ _ADAPTERS: weakref.WeakKeyDictionary[Any, tuple[tuple[object, ...], ModelAdapter
 )
 
 
+def _continuation_prefix(tokenizer: Any) -> str | None:
+    """The mark of a word's continuation tokens where the tokenizer's tokens carry no space
+    (WordPiece's ``##``), read from its backend; None for tokenizers whose tokens carry it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    prefix = getattr(getattr(backend, "model", None), "continuing_subword_prefix", None)
+    return prefix if isinstance(prefix, str) and prefix else None
+
+
+def _word_boundaries(row: list[str], prefix: str, special: set[str]) -> list[str]:
+    out = []
+    for k, token in enumerate(row):
+        if token.startswith(prefix):
+            out.append(token[len(prefix) :])
+        elif k == 0 or token in special or row[k - 1] in special:
+            out.append(token)
+        else:
+            out.append(" " + token)
+    return out
+
+
 def adapt(model: Any) -> ModelAdapter:
     """The adapter for ``model`` (built once per model and weight state: the first call may run
     a short probe), or ``UnsupportedModelError`` naming what is not supported."""
@@ -320,10 +340,18 @@ class ModelAdapter:
         _check_positions(hooks, layer, sources, name)
 
     def str_tokens(self, tokens: Tensor) -> list[list[str]] | None:
-        if getattr(self.model, "tokenizer", None) is None:
+        """Each token as text, word boundaries visible: a WordPiece tokenizer's word-initial
+        tokens get the space their word had, its continuations lose their ``##``."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None:
             return None
         rows = tokens if tokens.ndim == 2 else tokens[None]
-        return [list(self.model.to_str_tokens(row)) for row in rows]
+        strings = [list(self.model.to_str_tokens(row)) for row in rows]
+        prefix = _continuation_prefix(tokenizer)
+        if prefix is None:
+            return strings
+        special = set(getattr(tokenizer, "all_special_tokens", []))
+        return [_word_boundaries(row, prefix, special) for row in strings]
 
     # -- the feed-forward block ------------------------------------------------------------------
     def value_weights(self, layer: int) -> tuple[Tensor, Tensor]:

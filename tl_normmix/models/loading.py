@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from tl_normmix.models.errors import UnsupportedModelError
+
 __all__ = ["PACKAGED_MODELS", "load_model"]
 
 logger = logging.getLogger("tl_normmix")
@@ -171,14 +173,48 @@ def _cache_root() -> Path:
     return Path(os.environ.get("TL_NORMMIX_CACHE", Path.home() / ".cache" / "tl_normmix"))
 
 
+def gguf_architecture(path: Path) -> str:
+    """The architecture a GGUF file declares (``general.architecture``)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"Reading {path.name} needs the package 'gguf': pip install gguf")
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.architecture")
+    if field is None:
+        raise UnsupportedModelError(f"{path.name} declares no general.architecture.")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _gguf_model_class(path: Path) -> Any:
+    """The ``transformers`` class of the model a GGUF file holds, by its declared architecture:
+    a causal LM or a masked LM (an encoder); anything else is refused naming it."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    architecture = gguf_architecture(path)
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path.name} holds a {architecture!r} model, which transformers cannot read from "
+            "GGUF (encoders such as llama.cpp's embedding models among them): load the "
+            "original checkpoint folder or hub name instead."
+        )
+    config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise UnsupportedModelError(
+        f"{path.name} holds a {architecture!r} model ({type(config).__name__}), neither a "
+        "causal nor a masked language model: TransformerLens does not run it."
+    )
+
+
 def _gguf_as_folder(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a ``transformers`` folder (config, weights, tokenizer)."""
     stat = gguf.stat()
     target = _cache_root() / f"{gguf.stem}-{stat.st_size}"
     if (target / "config.json").exists():
         return target
-    if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"Reading {gguf.name} needs the package 'gguf': pip install gguf")
+    model_class = _gguf_model_class(gguf)
     import transformers
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -186,15 +222,11 @@ def _gguf_as_folder(gguf: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         folder = str(gguf.parent)
         tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
-        # Every architecture transformers reads from GGUF is a causal LM except T5, which
-        # TransformerLens does not run; the bridge then checks the architecture itself.
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = model_class.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised already; drop the GGUF quantiser so the model can be saved.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None  # type: ignore[assignment]
+        model.hf_quantizer = None
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
