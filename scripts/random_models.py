@@ -55,18 +55,47 @@ def _config(kind: str, n_ctx: int) -> tuple[Any, Any]:
             tie_word_embeddings=True,
         )
         return config, T.LlamaForCausalLM
+    if kind == "gpt2-moe":  # GPT-2 small's width and heads, 8 GPT-OSS experts (top 2) per block
+        config = T.GptOssConfig(
+            hidden_size=768,
+            num_hidden_layers=2,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            head_dim=64,
+            intermediate_size=1536,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=50257,
+            max_position_embeddings=n_ctx,
+            sliding_window=n_ctx,
+            layer_types=["full_attention", "full_attention"],
+        )
+        return config, T.GptOssForCausalLM
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def random_model(kind: str, n_ctx: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """The TransformerLens model of shape ``kind`` with random weights (seed 0)."""
+def random_model(
+    kind: str,
+    n_ctx: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    biases: float = 0.0,
+):
+    """The TransformerLens model of shape ``kind`` with random weights (seed 0); ``biases``: the
+    standard deviation of every bias (the initialisation's are zero)."""
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     config, cls = _config(kind, n_ctx)
     folder = Path(tempfile.mkdtemp(prefix=f"random-{kind}-"))
     torch.manual_seed(0)
-    cls(config).save_pretrained(folder)
+    model = cls(config)
+    if biases:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, biases)
+    model.save_pretrained(folder)
     vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i + 2 for i in range(100)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

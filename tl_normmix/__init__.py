@@ -28,6 +28,7 @@ from tl_normmix.interventions.value_zeroing import value_zeroing
 from tl_normmix.maps import (
     SCOPES,
     AltiOptions,
+    CompletenessWarning,
     FFOptions,
     Method,
     MixingMaps,
@@ -62,6 +63,7 @@ __all__ = [
     "Agreement",
     "AltiOptions",
     "AmplifiedPair",
+    "CompletenessWarning",
     "Edge",
     "EdgeAttribution",
     "EdgeSet",

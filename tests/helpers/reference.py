@@ -11,6 +11,7 @@ equal what the model computed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -92,14 +93,87 @@ def whole_layer(t, mask: torch.Tensor) -> dict[str, Stage]:
 
 def riemann(ff, parts: torch.Tensor, bias: torch.Tensor, steps: int = STEPS) -> torch.Tensor:
     """IG_ij for parts ``[b, i, j, d]`` and bias ``[b, i, d]``: the midpoint rule with autograd
-    Jacobians along ``bias + t Σ_j parts``."""
-    t = (torch.arange(steps, dtype=parts.dtype) + 0.5) / steps
-    points = bias[:, :, None, :] + t[:, None] * parts.sum(2)[:, :, None, :]  # [b, i, s, d]
+    Jacobians along ``bias + t Σ_j parts`` — on each piece between a router's switches, plus each
+    jump shared by the sources' parts of the score gap's gradient, where ``ff`` has a router."""
+    total = parts.sum(2)
+    switches = _switch_points(ff, bias, total)
+    t, w = _pieces(switches, bias, steps)  # [b, i, s]
+    points = bias[:, :, None, :] + t[..., None] * total[:, :, None, :]  # [b, i, s, d]
     # Rows of every token's Jacobian by plain autograd (modules and custom autograd functions
     # such as BLOOM's GELU need not support vmap).
     jac = _token_jacobians(ff.forward, points.reshape(-1, points.shape[-1]))
     jac = jac.view(*points.shape[:3], *jac.shape[1:])  # [b, i, s, d_out, d_in]
-    return torch.einsum("bijd,biod->bijo", parts, jac.mean(2))
+    ig = torch.einsum("bijd,bis,bisod->bijo", parts, w, jac)
+    for (b, i), taus in switches.items():
+        for tau, entering, leaving in taus:
+            ig[b, i] += _jump_shares(
+                ff, bias[b, i], total[b, i], parts[b, i], tau, entering, leaving
+            )
+    return ig
+
+
+#: Scan of the path for a router's switches, bisection steps, and the half-width of the interval
+#: across which a jump is measured (float32 modules: wide enough that their router flips too).
+SCAN, BISECT, JUMP = 4096, 60, 1e-5
+
+
+def _switch_points(ff, bias: torch.Tensor, total: torch.Tensor) -> dict:
+    """``(b, i) -> [(τ, entering, leaving)]``: where the router's choice changes along the path,
+    by a fine scan and bisection (one expert swapped per scan cell, else the reference refuses)."""
+    router = getattr(ff, "router", None)
+    if router is None:
+        return {}
+    router = router.to(torch.float64)
+    grid = torch.linspace(0, 1, SCAN + 1, dtype=torch.float64)
+    found: dict = {}
+    for b in range(bias.shape[0]):
+        for i in range(bias.shape[1]):
+            chosen = router.chosen(bias[b, i] + grid[:, None] * total[b, i])
+            for cell in (chosen[1:] != chosen[:-1]).any(-1).nonzero().flatten().tolist():
+                lo, hi = float(grid[cell]), float(grid[cell + 1])
+                before = chosen[cell]
+                for _ in range(BISECT):
+                    mid = (lo + hi) / 2
+                    same = bool((router.chosen(bias[b, i] + mid * total[b, i]) == before).all())
+                    lo, hi = (mid, hi) if same else (lo, mid)
+                if hi < 1e-12:
+                    continue  # experts tied at the bias point (no bias anywhere): not a switch
+                after = chosen[cell + 1]
+                entering, leaving = (after & ~before).nonzero(), (before & ~after).nonzero()
+                assert len(entering) == len(leaving) == 1, "two switches in one scan cell"
+                found.setdefault((b, i), []).append(((lo + hi) / 2, int(entering), int(leaving)))
+    return found
+
+
+def _pieces(switches: dict, bias: torch.Tensor, steps: int):
+    """Midpoint nodes and weights ``[b, i, s]``: ``steps`` per piece between switches (pieces
+    padded with zero weight to the most any receiver has)."""
+    most = 1 + max((len(v) for v in switches.values()), default=0)
+    mid = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    t = torch.zeros(*bias.shape[:2], most * steps, dtype=torch.float64)
+    w = torch.zeros_like(t)
+    for b in range(bias.shape[0]):
+        for i in range(bias.shape[1]):
+            bounds = [0.0, *(tau for tau, _, _ in switches.get((b, i), [])), 1.0]
+            for k, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                t[b, i, k * steps : (k + 1) * steps] = lo + (hi - lo) * mid
+                w[b, i, k * steps : (k + 1) * steps] = (hi - lo) / steps
+    return t.to(bias.dtype), w.to(bias.dtype)
+
+
+def _jump_shares(ff, base, total, parts, tau: float, entering: int, leaving: int) -> torch.Tensor:
+    """``[j, d_out]``: the jump ``F(τ⁺) − F(τ⁻)`` times each source's share ``∇d·u_j / ∇d·U``
+    of the score gap ``d = s_entering − s_leaving`` (its gradient by autograd)."""
+    ends = torch.stack([base + (tau + JUMP) * total, base + (tau - JUMP) * total])
+    after, before = ff.forward(ends)
+    jump = after - before
+    router = ff.router.to(torch.float64)
+    u = (base + tau * total).detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        scores = router.scores(router.logits(u))
+        (grad,) = torch.autograd.grad(scores[entering] - scores[leaving], u)
+    share = parts @ grad / (total @ grad)
+    return share[:, None] * jump[None, :]
 
 
 def _token_jacobians(forward, points: torch.Tensor) -> torch.Tensor:
@@ -130,6 +204,7 @@ def _double_ff(mlp):
             description=mlp.description,
             width=mlp.width,
             forward_ad=mlp.forward_ad,
+            router=mlp.router,
         )
     assert isinstance(mlp, MLPSpec)
     return dataclasses.replace(

@@ -10,6 +10,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers.tiny_models import Case, build, drops_causal_mask, run_with_cache, tokens
@@ -155,3 +161,36 @@ def test_bad_input_is_refused(hf_root, monkeypatch):
     with pytest.raises(MemoryError, match="tokens would fit; keep='stats' needs"):
         nm.run_mixing_maps(model, tokens(1, 40), "attn_n")
     nm.run_mixing_maps(model, tokens(1, 40), "attn_n", check_memory=False)  # the user's call
+
+
+@pytest.mark.parametrize(
+    ("family", "scopes"),
+    [
+        ("gpt2", ["attn_n"]),
+        ("gpt2", ["attn_n", "alti"]),
+        ("gpt2", ["attn_n", "layer_n"]),
+        ("llama", ["attn_n", "layer_n"]),
+    ],
+)
+def test_estimate_bytes_follows_the_measured_peak(family, scopes, hf_root):
+    """``estimate_bytes`` against the peak resident memory of a run (128 sequences, so the
+    ``N²`` terms and the whole-layer chunk dominate), measured in a fresh process whose large
+    allocations go straight to the system: within 0.8–1.6× of it."""
+    script = Path(__file__).with_name("peak_memory.py")
+    env = os.environ | {
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "0",
+        "MALLOC_ARENA_MAX": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, str(script), str(hf_root), family, "128", *scopes],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ratio = result["estimate"] / result["measured"]
+    assert 0.8 <= ratio <= 1.6, result

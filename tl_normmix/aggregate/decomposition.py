@@ -29,6 +29,7 @@ from tl_normmix import memory
 from tl_normmix.decompose import attention
 from tl_normmix.decompose.carried import Carried, carry_block, initial, value_parts
 from tl_normmix.decompose.whole_layer import hidden_width
+from tl_normmix.maps.completeness import warn_if_incomplete
 from tl_normmix.maps.mask import resolve_mask
 from tl_normmix.maps.method import check_roles
 from tl_normmix.maps.scopes import SCOPES
@@ -94,8 +95,9 @@ def decompose_model(
             values are the linear map of the attention input this decomposition assumes.
         progress: a progress bar over the blocks.
 
-    A feed-forward block that is not smooth along the path (a mixture-of-experts router that
-    switches experts) leaves a completeness residual; it is reported, and carried on.
+    A feed-forward block split by integrated gradients that is not smooth along the path (a
+    router that does not read its input linearly) leaves a completeness residual: it is
+    reported in ``completeness``, warned about (``CompletenessWarning``), and carried on.
     """
     adapter = adapt(model)
     kept = adapter.check_layers(layers)
@@ -139,6 +141,8 @@ def decompose_model(
         del values
         if layer in kept:
             out.add(kept.index(layer), carried, t["resid_post"], mask)
+            residuals = {"decompose_model": out.residuals[kept.index(layer)]}
+            warn_if_incomplete(residuals, layer, t.precision)
     assert mask is not None
     return ModelDecomposition(
         layers=tuple(kept),

@@ -47,6 +47,7 @@ __all__ = [
     "LayerTensors",
     "MLPSpec",
     "NormSpec",
+    "Router",
     "Stage",
     "zeros_if_none",
 ]
@@ -252,16 +253,98 @@ class MLPSpec:
 
 
 @dataclass(frozen=True)
+class Router:
+    """How a mixture of experts chooses its experts from its input ``u`` (the feed-forward input):
+    logits ``r = u W + b`` — the router reads ``u`` linearly —, choice scores ``s = r``
+    (``score="logits"``: softmax-then-top-k and top-k-then-softmax rank the logits alike) or
+    ``s = σ(r) + c`` (``"sigmoid"`` with a selection bias ``c``), and the ``top_k`` largest
+    chosen, within the best ``top_groups`` of ``groups`` equal groups of experts (a group ranked
+    by the sum of its two best scores)."""
+
+    weight: Float[Tensor, "d_model expert"]
+    bias: Float[Tensor, " expert"] | None
+    top_k: int
+    score: str = "logits"  # "logits" or "sigmoid"
+    choice_bias: Float[Tensor, " expert"] | None = None
+    groups: int = 1
+    top_groups: int = 1
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.weight.shape[1])
+
+    def logits(self, u: Float[Tensor, "... d_model"]) -> Float[Tensor, "... expert"]:
+        r = u @ self.weight
+        return r + self.bias if self.bias is not None else r
+
+    def scores(self, r: Float[Tensor, "... expert"]) -> Float[Tensor, "... expert"]:
+        """The choice scores of logits ``r``."""
+        s = torch.sigmoid(r) if self.score == "sigmoid" else r
+        return s + self.choice_bias if self.choice_bias is not None else s
+
+    def chosen(self, u: Float[Tensor, "... d_model"]) -> Tensor:
+        """Which experts ``u`` goes to: ``[..., expert]`` booleans, ``top_k`` of them."""
+        return self.chosen_by(self.logits(u))
+
+    def chosen_by(self, r: Float[Tensor, "... expert"]) -> Tensor:
+        """Which experts logits ``r`` choose: ``[..., expert]`` booleans, ``top_k`` of them."""
+        s = self.scores(r)
+        if self.groups > 1:
+            grouped = s.unflatten(-1, (self.groups, -1))
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            best = group_scores.topk(self.top_groups, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, best, True)
+            s = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
+        index = s.topk(self.top_k, dim=-1).indices
+        return torch.zeros_like(s, dtype=torch.bool).scatter(-1, index, True)
+
+    def gap_gradient(
+        self, u: Float[Tensor, "n d_model"], a: Tensor, b: Tensor
+    ) -> Float[Tensor, "n d_model"]:
+        """``∇_u (s_a − s_b)`` at ``u``: how the choice between experts ``a`` and ``b`` moves."""
+        w_a, w_b = self.weight[:, a].T, self.weight[:, b].T  # [n, d]
+        if self.score != "sigmoid":
+            return w_a - w_b
+        r = self.logits(u)
+        slope_a = torch.sigmoid(r.gather(-1, a[:, None])) * (
+            1 - torch.sigmoid(r.gather(-1, a[:, None]))
+        )
+        slope_b = torch.sigmoid(r.gather(-1, b[:, None])) * (
+            1 - torch.sigmoid(r.gather(-1, b[:, None]))
+        )
+        return slope_a * w_a - slope_b * w_b
+
+    def to(self, device: torch.device | torch.dtype) -> Router:
+        """The same router with its tensors on ``device`` (or in a dtype)."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return t.to(device) if t is not None else None
+
+        return Router(
+            self.weight.to(device),
+            move(self.bias),
+            self.top_k,
+            self.score,
+            move(self.choice_bias),
+            self.groups,
+            self.top_groups,
+        )
+
+
+@dataclass(frozen=True)
 class FFModule:
     """Any feed-forward block given as a callable on ``[..., d_model]`` (mixture of experts, an
     activation without a per-unit form): split by integrated gradients with forward-mode
     derivatives (``decompose.generic_ff``). ``forward_ad`` returns a context in which the callable
-    supports ``torch.func.jvp`` (e.g. a loop over experts instead of a grouped GEMM kernel)."""
+    supports ``torch.func.jvp`` (e.g. a loop over experts instead of a grouped GEMM kernel);
+    ``router``: where the block is a mixture of experts whose choice the router makes linearly
+    from its input, the path is split where the choice changes (``decompose.router_path``)."""
 
     forward: Callable[[Tensor], Tensor]
     description: str
     width: int  # hidden units a token passes through (for memory estimates)
     forward_ad: Callable[[], AbstractContextManager[object]] = nullcontext
+    router: Router | None = None
 
     @property
     def gated(self) -> bool:

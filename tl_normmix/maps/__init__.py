@@ -2,6 +2,7 @@
 points (``mixing_maps`` from a cache, ``run_mixing_maps`` during the forward pass)."""
 
 from tl_normmix.maps.cached import HookFilter, hook_filter, mixing_maps
+from tl_normmix.maps.completeness import CompletenessWarning
 from tl_normmix.maps.engine import MapsOptions
 from tl_normmix.maps.method import Method, UnsupportedScopeError
 from tl_normmix.maps.result import MixingMaps
@@ -18,6 +19,7 @@ from tl_normmix.maps.streaming import run_mixing_maps
 __all__ = [
     "SCOPES",
     "AltiOptions",
+    "CompletenessWarning",
     "FFOptions",
     "HookFilter",
     "MapsOptions",

@@ -16,6 +16,7 @@ from torch import Tensor
 from tl_normmix import memory
 from tl_normmix.decompose import attention
 from tl_normmix.decompose.blocks import LayerTensors
+from tl_normmix.maps.completeness import warn_if_incomplete
 from tl_normmix.maps.heads import Extras, HeadMaps, LayerFactors
 from tl_normmix.maps.mask import resolve_mask
 from tl_normmix.maps.method import Kernel, LayerInputs, Method, check_roles
@@ -170,6 +171,7 @@ def compute_layer(
         result.factors.states |= out.state
         if out.value_norms is not None and result.factors.value_norms is None:
             result.factors.value_norms = out.value_norms
+    warn_if_incomplete(result.completeness, layer, t.precision)
     norms = result.factors.value_norms
     if norms is None and plan.value_norms:
         norms = attention.value_norms(t.v, t.W_O)

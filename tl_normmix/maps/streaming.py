@@ -23,8 +23,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_normmix import memory
+from tl_normmix.decompose.whole_layer import hidden_width
 from tl_normmix.maps.engine import MapsBuilder, MapsOptions, MapsPlan, compute_layer, plan_maps
 from tl_normmix.maps.mask import check_attention_mask, check_tokens
+from tl_normmix.maps.methods.whole_layer import pass_bytes, whole_layer_kernel
 from tl_normmix.maps.result import MixingMaps
 from tl_normmix.maps.statistics import RowStatistics, row_statistics, stack_statistics
 from tl_normmix.models.adapter import ModelAdapter, adapt
@@ -266,13 +268,18 @@ def estimate_bytes(
     itemsize: int = 4,
     model_itemsize: int = 4,
     top_k: int = 16,
+    whole_layer: tuple[int, int] | None = None,
 ) -> int:
     """Peak memory of ``run_mixing_maps`` beyond the model, in bytes: one layer's work (the
     model's scores and pattern, a float32 copy, each scope's float32 map and the statistics'
-    running sums, the whole-layer chunk budget) plus what is kept."""
+    running sums; with ``whole_layer=(d_model, hidden)``, the whole-layer pass's values and one
+    chunk of receivers as its kernel sizes it) plus what is kept."""
     square = batch * pos * pos
-    layer = square * (heads * (2 * model_itemsize + 4) + 4 * (n_scopes + 4))
-    layer += memory.budget()
+    # per query-key cell: the model's scores and pattern, a float32 copy, each scope's map and
+    # about eight float32 temporaries of the maps' and statistics' arithmetic
+    layer = square * (heads * (2 * model_itemsize + 4) + 4 * (n_scopes + 8))
+    if whole_layer is not None:
+        layer += pass_bytes(batch, pos, heads, *whole_layer)
     if keep == "maps":
         kept = n_layers * square * itemsize * (n_scopes + (heads if keep_heads else 0))
     else:
@@ -297,6 +304,10 @@ def _check_memory(
     batch, pos = tokens.shape
     heads = adapter.spec.block.n_heads
     model_itemsize = torch.finfo(_model_dtype(adapter)).bits // 8
+    whole = None
+    if any(m.kernel is whole_layer_kernel for m in plan.methods.values()):
+        hidden = max(hidden_width(adapter.feed_forward(layer)) for layer in layers)
+        whole = (adapter.spec.block.d_model, hidden)
 
     def need(n: int, how: Keep) -> int:
         return estimate_bytes(
@@ -310,6 +321,7 @@ def _check_memory(
             itemsize=torch.finfo(dtype).bits // 8,
             model_itemsize=model_itemsize,
             top_k=top_k,
+            whole_layer=whole,
         )
 
     needed = need(pos, keep)

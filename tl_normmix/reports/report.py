@@ -279,7 +279,12 @@ def _header(model: Any, maps: MixingMaps, seconds: float) -> str:
         f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
         for k, v in rows
     )
-    tokens = " ".join(maps.str_tokens[0]) if maps.str_tokens else ""
+    # Tokens are shown one space apart; a token's own leading space (a word start) is not doubled.
+    tokens = (
+        " ".join(t[1:] if t.startswith(" ") else t for t in maps.str_tokens[0])
+        if maps.str_tokens
+        else ""
+    )
     return (
         f'<table class="tlnm-header">{table}</table>'
         f'<h3>Text</h3><div class="tlnm-text">{html.escape(tokens)}</div>'
@@ -294,8 +299,9 @@ def _feed_forward(spec: Any) -> str:
     if kind == "module":
         return (
             "split by Gauss–Legendre quadrature of forward-mode derivatives of the model's own "
-            "module (mixture of experts or no closed form); completeness residuals above 1e-4 "
-            "mark receivers whose integration path crosses a routing switch"
+            "module (mixture of experts or no closed form), the path cut where a router read off "
+            "the module switches experts; completeness residuals above 1e-4 mark receivers whose "
+            "block is not smooth along the path (a router that could not be read)"
         )
     return f"{kind} MLP, activation {spec.activation} (found on the model, checked on the run)"
 

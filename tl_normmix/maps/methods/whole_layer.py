@@ -15,7 +15,7 @@ from tl_normmix.decompose.attention_block import mask_padding
 from tl_normmix.decompose.blocks import BlockLayout, Stage
 from tl_normmix.maps.method import KernelOutput, LayerInputs, Method
 
-__all__ = ["METHODS", "WHOLE_LAYER_SCOPES", "FFOptions", "whole_layer_kernel"]
+__all__ = ["METHODS", "WHOLE_LAYER_SCOPES", "FFOptions", "pass_bytes", "whole_layer_kernel"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,17 @@ class FFOptions:
             raise ValueError(f"quadrature_points must be ≥ 1, got {self.quadrature_points}.")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}.")
+
+
+def pass_bytes(
+    batch: int, pos: int, heads: int, d_model: int, hidden: int, chunk_size: int | None = None
+) -> int:
+    """What the whole-layer pass of one layer holds at its peak, in bytes (float32): the values
+    mapped through the FF's first matrix for the whole pass and one chunk of receivers, as many
+    as the kernel puts in a chunk when free memory does not cap it."""
+    per_query = whole_layer.chunk_bytes(batch, pos, 1, d_model, hidden)
+    chunk = chunk_size or memory.rows_per_chunk(per_query, pos, minimum=whole_layer.MIN_CHUNK)
+    return whole_layer.fixed_bytes(batch, pos, heads, d_model, hidden) + min(chunk, pos) * per_query
 
 
 def whole_layer_kernel(
