@@ -24,6 +24,8 @@ from tl_normmix.interventions.circuits import (
 )
 from tl_normmix.interventions.edges import Edge, EdgeSet, edges
 from tl_normmix.interventions.knockout import KnockOut, knock_out
+from tl_normmix.interventions.logit_attribution import LogitAttribution, logit_attribution
+from tl_normmix.interventions.router_attribution import RouterAttribution, router_attribution
 from tl_normmix.interventions.value_zeroing import value_zeroing
 from tl_normmix.maps import (
     SCOPES,
@@ -71,10 +73,12 @@ __all__ = [
     "FaithfulnessCurve",
     "KeptCircuit",
     "KnockOut",
+    "LogitAttribution",
     "Method",
     "MissingHookError",
     "MixingMaps",
     "ModelDecomposition",
+    "RouterAttribution",
     "UnsupportedModelError",
     "UnsupportedScopeError",
     "ValueZeroingOptions",
@@ -96,11 +100,13 @@ __all__ = [
     "knock_out",
     "list_scopes",
     "load_model",
+    "logit_attribution",
     "memory",
     "mixing_maps",
     "on_hidden_states",
     "plots",
     "rollout",
+    "router_attribution",
     "run_mixing_maps",
     "value_zeroing",
     "views",

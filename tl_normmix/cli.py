@@ -119,6 +119,12 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--truncate", action="store_true", help="keep the first n_ctx tokens of a longer text"
     )
+    report.add_argument(
+        "--target",
+        help="add an attribution section: the last token's logit of this token (a single-token "
+        "string, e.g. ' Mary', or an id) split over layers, heads and sources",
+    )
+    report.add_argument("--foil", help="with --target: split the logit difference target − foil")
     report.add_argument("--quiet", action="store_true", help="no progress bar")
     summary = commands.add_parser(
         "summary",
@@ -266,6 +272,13 @@ def _text(args: argparse.Namespace) -> str:
     return check_text(args.text)
 
 
+def _token_argument(value: str | None) -> str | int | None:
+    """A token given on the command line: an id if it is a number, else the string itself."""
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
+
+
 def _report(args: argparse.Namespace) -> int:
     from tl_normmix.reports.io import check_output_path, tokenize, write_atomic
     from tl_normmix.reports.report import build_report
@@ -278,7 +291,13 @@ def _report(args: argparse.Namespace) -> int:
     model = _load(args)
     tokens = tokenize(model, text, truncate=args.truncate)
     document = build_report(
-        model, tokens, scopes=args.scopes, layers=args.layers, progress=not args.quiet
+        model,
+        tokens,
+        scopes=args.scopes,
+        layers=args.layers,
+        progress=not args.quiet,
+        target=_token_argument(args.target),
+        foil=_token_argument(args.foil),
     )
     write_atomic(out, document)
     size = out.stat().st_size / 2**20

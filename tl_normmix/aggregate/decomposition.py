@@ -16,7 +16,7 @@ cached block output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from tl_normmix import memory
 from tl_normmix.decompose import attention
+from tl_normmix.decompose.blocks import LayerTensors
 from tl_normmix.decompose.carried import Carried, carry_block, initial, value_parts
 from tl_normmix.decompose.whole_layer import hidden_width
 from tl_normmix.maps.completeness import warn_if_incomplete
@@ -37,7 +38,7 @@ from tl_normmix.models.adapter import adapt
 from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.errors import MissingHookError, UnsupportedModelError
 
-__all__ = ["ModelDecomposition", "decompose_model"]
+__all__ = ["ModelDecomposition", "carried_blocks", "decompose_model"]
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,58 @@ def decompose_model(
     """
     adapter = adapt(model)
     kept = adapter.check_layers(layers)
+    out = _Kept(len(kept))
+    mask: Tensor | None = None
+    blocks = carried_blocks(
+        model,
+        cache,
+        max(kept),
+        attention_mask=attention_mask,
+        tokens=tokens,
+        quadrature_points=quadrature_points,
+        chunk_size=chunk_size,
+        verify=verify,
+        progress=progress,
+    )
+    for layer, t, carried, mask in blocks:
+        if layer in kept:
+            out.add(kept.index(layer), carried, t["resid_post"], mask)
+            residuals = {"decompose_model": out.residuals[kept.index(layer)]}
+            warn_if_incomplete(residuals, layer, t.precision)
+    assert mask is not None
+    return ModelDecomposition(
+        layers=tuple(kept),
+        maps=out.maps,
+        completeness=out.residuals,
+        bias_norms=out.bias_norms,
+        mask=mask,
+        model_name=adapter.spec.model_name,
+        convention=adapter.spec.convention,
+        causal=adapter.spec.causal,
+    )
+
+
+def carried_blocks(
+    model: Any,
+    cache: Any,
+    last: int,
+    *,
+    attention_mask: Tensor | None = None,
+    tokens: Tensor | None = None,
+    quadrature_points: int | None = None,
+    chunk_size: int | None = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> Iterator[tuple[int, LayerTensors, Carried, Tensor]]:
+    """Blocks ``0 … last`` of a cached run, each yielded as ``(layer, tensors, carried, mask)``
+    once its output is split over the input tokens (arguments as for ``decompose_model``)."""
+    adapter = adapt(model)
     whole = SCOPES["layer_n"]
     roles = whole.roles(adapter.layout) | {"v", "pattern", "attn_out", "resid_pre"}
     optional = check_roles([whole], adapter.layout) - roles if verify else frozenset()
-    out = _Kept(len(kept))
     mask: Tensor | None = None
     carried: Carried | None = None
-    blocks = range(max(kept) + 1)
-    for layer in tqdm(blocks, desc="decompose_model", unit="block", disable=not progress):
+    for layer in tqdm(range(last + 1), desc="decompose_model", unit="block", disable=not progress):
         t = _read(
             adapter,
             cache,
@@ -139,21 +184,7 @@ def decompose_model(
             t, carried, pattern, values, value_bias, mask, quadrature_points, chunk
         )
         del values
-        if layer in kept:
-            out.add(kept.index(layer), carried, t["resid_post"], mask)
-            residuals = {"decompose_model": out.residuals[kept.index(layer)]}
-            warn_if_incomplete(residuals, layer, t.precision)
-    assert mask is not None
-    return ModelDecomposition(
-        layers=tuple(kept),
-        maps=out.maps,
-        completeness=out.residuals,
-        bias_norms=out.bias_norms,
-        mask=mask,
-        model_name=adapter.spec.model_name,
-        convention=adapter.spec.convention,
-        causal=adapter.spec.causal,
-    )
+        yield layer, t, carried, mask
 
 
 class _Kept:

@@ -37,16 +37,19 @@ class Agreement:
 
 
 def agreement(
-    maps: MixingMaps | Sequence[MixingMaps],
+    maps: MixingMaps | Any | Sequence[MixingMaps | Any],
     ko: KnockOut,
     scopes: Iterable[str] | None = None,
     k: int = 10,
 ) -> Agreement:
-    """Per scope of ``maps`` (one ``MixingMaps`` or several, e.g. ``[maps, att.as_maps()]``):
-    Spearman of the map with ``|ko.effect|`` per layer and overall, and top-``k`` recall."""
+    """Per scope of ``maps`` (one ``MixingMaps`` or several, e.g. ``[maps, att.as_maps()]``; a
+    ``LogitAttribution`` gives scopes ``logit`` and ``logit_alti``): Spearman of the map with
+    ``|ko.effect|`` per layer and overall, and top-``k`` recall."""
     import pandas as pd
 
-    sources = [maps] if isinstance(maps, MixingMaps) else list(maps)
+    given = [maps] if isinstance(maps, MixingMaps) or hasattr(maps, "tracked") else list(maps)
+    # a LogitAttribution scores edges (l, position, j) by its direct effects and ALTI-Logit rows
+    sources = [m.as_maps(tracked="alti") if hasattr(m, "tracked") else m for m in given]
     available = {scope: m for m in sources for scope in (*m.maps, *m.heads)}
     chosen = list(scopes) if scopes is not None else list(available)
     missing = [s for s in chosen if s not in available]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -129,13 +129,25 @@ class _Edges:
 
     def top(
         self,
-        maps: MixingMaps,
-        scope: str = "attn_n",
+        maps: MixingMaps | Any,
+        scope: str | int = "attn_n",
         k: int = 50,
         receivers: Positions = None,
     ) -> EdgeSet:
         """The ``k`` largest cells of ``maps[scope]`` (all heads together), ranked by the mean over
-        the batch rows of the real cells (diagonal included); ``receivers`` restricts the rows."""
+        the batch rows of the real cells (diagonal included); ``receivers`` restricts the rows.
+
+        A ``LogitAttribution`` is ranked by the magnitude of its signed direct effects (scope
+        ``"logit"``; ``"logit_alti"`` / ``"logit_exact"``: its tracked rows), and
+        ``top(la, k)`` reads the second argument as ``k``."""
+        if hasattr(maps, "tracked"):  # a LogitAttribution
+            if isinstance(scope, int):
+                scope, k = "logit", scope
+            elif scope == "attn_n":
+                scope = "logit"
+            method = scope.removeprefix("logit_") if scope != "logit" else None
+            maps = maps.as_maps(tracked=method)
+        assert isinstance(scope, str)
         layer_maps = maps[scope].double()  # [layer, batch, query, key]
         pair = maps.mask[:, :, None] & maps.mask[:, None, :]
         if maps.causal:

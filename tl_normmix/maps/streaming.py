@@ -306,8 +306,10 @@ def _check_memory(
     model_itemsize = torch.finfo(_model_dtype(adapter)).bits // 8
     whole = None
     if any(m.kernel is whole_layer_kernel for m in plan.methods.values()):
-        hidden = max(hidden_width(adapter.feed_forward(layer)) for layer in layers)
-        whole = (adapter.spec.block.d_model, hidden)
+        with_ff = [layer for layer in layers if adapter.structure.mlp_kind_of(layer) is not None]
+        if with_ff:
+            hidden = max(hidden_width(adapter.feed_forward(layer)) for layer in with_ff)
+            whole = (adapter.spec.block.d_model, hidden)
 
     def need(n: int, how: Keep) -> int:
         return estimate_bytes(

@@ -84,9 +84,14 @@ def read_router(module: Any, d_model: int) -> Router | None:
     for router in candidates:
         param = router.weight
         x = probe.to(device=param.device, dtype=param.dtype)
-        with torch.no_grad():
-            if bool((router.chosen(x) == choose(x)).all()):
-                return router
+        try:
+            with torch.no_grad():
+                agrees = bool((router.chosen(x) == choose(x)).all())
+        except Exception as err:  # a module that cannot run alone: refused where it is called
+            logger.info("%s: its router could not be checked (%s); not read", type(module), err)
+            return None
+        if agrees:
+            return router
     logger.info("%s: its router's choice follows no known rule; switches not cut", type(module))
     return None
 

@@ -39,6 +39,8 @@ __all__ = [
     "figure_block",
     "head_grid",
     "layer_profiles",
+    "logit_heads",
+    "logit_layers",
     "mixing_ratios",
     "reach",
     "sink_shares",
@@ -198,4 +200,40 @@ def layer_profiles(
         frame = frame.sort_values("layer")
         ax.plot(frame["layer"], frame["value"], "o-", label=label)
     _finish(ax, ylabel, title)
+    return fig
+
+
+def logit_heads(la: Any, layer: int, *, batch: int = 0, ax: Any = None) -> Any:
+    """A head × source heat map of a ``LogitAttribution``'s direct effects at ``layer``
+    (diverging colours, symmetric about zero)."""
+    real = la.mask[batch].nonzero().flatten().cpu()
+    data = la.heads[layer, batch][:, real].float().cpu().numpy()
+    return _signed_grid(data, la, batch, real, "head", f"direct effects, layer {layer}", ax)
+
+
+def logit_layers(la: Any, *, tracked: str | None = None, batch: int = 0, ax: Any = None) -> Any:
+    """A layer × source heat map of a ``LogitAttribution``: direct effects (``la.layers``) or
+    the rows ``la.tracked(tracked)``."""
+    real = la.mask[batch].nonzero().flatten().cpu()
+    rows = la.tracked(tracked) if tracked is not None else la.layers
+    data = rows[:, batch][:, real].float().cpu().numpy()
+    title = f"tracked to the input tokens ({tracked})" if tracked else "direct effects"
+    return _signed_grid(data, la, batch, real, "layer", title, ax)
+
+
+def _signed_grid(data: Any, la: Any, batch: int, real: Any, rows: str, title: str, ax: Any) -> Any:
+    fig, ax = _axes(ax)
+    top = float(abs(data).max()) if data.size else 1.0
+    top = top if top > 0 else 1.0
+    image = ax.imshow(data, aspect="auto", cmap="RdBu_r", origin="lower", vmin=-top, vmax=top)
+    labels = (
+        [la.str_tokens[batch][int(j)] for j in real]
+        if la.str_tokens is not None
+        else [str(int(j)) for j in real]
+    )
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize="small")
+    ax.set_ylabel(rows)
+    ax.set_xlabel("source")
+    ax.set_title(title, fontsize="medium")
+    fig.colorbar(image, ax=ax, label="logit units")
     return fig

@@ -19,6 +19,7 @@ In a notebook the CircuitsVis bundle goes into the session's first output only;
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,8 @@ __all__ = [
     "compare",
     "effects",
     "heads",
+    "logit_layers",
+    "logit_tokens",
     "methods",
     "reads_from",
     "rollout",
@@ -289,6 +292,78 @@ def methods(
         title=f"{label!r}@{i} reads from, by method",
         caption="each method's row as shares of its sum; pick a method to colour by it",
     )
+
+
+def logit_tokens(
+    la: Any, *, tracked: str | None = None, layer: int | None = None, batch: int = 0
+) -> View:
+    """``ColoredTokens`` with signed colours: what each source token contributed to the readout of
+    a ``LogitAttribution`` — its direct effects (``la.layers``) or, with ``tracked``, the rows
+    carried to the input tokens (``la.tracked(tracked)``), summed over layers or at ``layer``."""
+    rows = la.tracked(tracked) if tracked is not None else la.layers
+    real = _real_of(la, batch)
+    data = rows[:, batch] if layer is None else rows[layer, batch][None]
+    values = data.sum(0)[real].float()
+    top = float(values.abs().max()) if values.numel() else 0.0
+    top = top if top > 0 else 1.0
+    what = f"tracked ({tracked})" if tracked is not None else "direct effects"
+    where = "all layers" if layer is None else f"layer {layer}"
+    return View(
+        "ColoredTokens",
+        {
+            "tokens": _labels_of(la, batch, real),
+            "values": _numbers(values),
+            "maxValue": top,
+            "minValue": -top,
+        },
+        title=f"{_readout_name(la, batch)} at position {int(la.position[batch])}: {what}, {where}",
+        caption=f"signed: colour scale −{top:.4g} to {top:.4g} (logit units)",
+    )
+
+
+def logit_layers(
+    la: Any, *, tracked: str | None = None, layer: int | None = None, batch: int = 0
+) -> View:
+    """``ColoredTokensMulti``: one signed column per layer (direct effects, or the ``tracked``
+    rows), or, given ``layer``, one per head of that layer (its direct effects)."""
+    real = _real_of(la, batch)
+    if layer is None:
+        rows = la.tracked(tracked) if tracked is not None else la.layers
+        columns = rows[:, batch][:, real].float()
+        labels = [f"L{index}" for index in range(columns.shape[0])]
+    else:
+        columns = la.heads[layer, batch][:, real].float()
+        labels = [f"L{layer}H{head}" for head in range(columns.shape[0])]
+    return View(
+        "ColoredTokensMulti",
+        {
+            "tokens": _labels_of(la, batch, real),
+            "values": _numbers(columns.T),
+            "labels": labels,
+        },
+        title=f"{_readout_name(la, batch)} at position {int(la.position[batch])}, by "
+        + ("layer" if layer is None else f"head of layer {layer}"),
+        caption="pick a column to colour by it; signed values in logit units",
+    )
+
+
+def _real_of(la: Any, batch: int) -> Tensor:
+    if not 0 <= batch < la.mask.shape[0]:
+        raise IndexError(f"batch {batch} out of range: the attribution holds {la.mask.shape[0]}.")
+    return la.mask[batch].nonzero().flatten().cpu()
+
+
+def _labels_of(la: Any, batch: int, real: Tensor) -> list[str]:
+    if la.str_tokens is None:
+        return [str(int(j)) for j in real]
+    return [la.str_tokens[batch][int(j)] for j in real]
+
+
+def _readout_name(la: Any, batch: int) -> str:
+    if la.target is None:
+        return "the direction"
+    name = f"logit {int(la.target[batch])}"
+    return name + (f" − logit {int(la.foil[batch])}" if la.foil is not None else "")
 
 
 def _colored(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tl_normmix.aggregate import decompose_model, rollout
+from tl_normmix.interventions.logit_attribution import logit_attribution
 from tl_normmix.interventions.value_zeroing import value_zeroing
 from tl_normmix.maps import SCOPES, MixingMaps, hook_filter, mixing_maps, run_mixing_maps
 from tl_normmix.models.adapter import adapt
@@ -61,9 +62,13 @@ def build_report(
     new_id: Callable[[], str] | None = None,
     title: str | None = None,
     methods: bool = True,
+    target: str | int | None = None,
+    foil: str | int | None = None,
 ) -> str:
     """The report's HTML for ``tokens`` (``[1, pos]``) on ``model``; ``methods``: add the
-    "methods compared" section (up to ``MATRIX_MAX_TOKENS`` tokens)."""
+    "methods compared" section (up to ``MATRIX_MAX_TOKENS`` tokens); ``target`` (and ``foil``):
+    add the "attribution" section — the last token's logit of ``target`` (minus ``foil``'s)
+    split over layers, heads and sources (``nm.logit_attribution``)."""
     start = time.perf_counter()
     scopes = tuple(scopes) if scopes is not None else default_scopes(model)
     chosen = list(layers) if layers is not None else None
@@ -93,6 +98,10 @@ def build_report(
         )
         del cache
     items = _plots(maps)
+    if target is not None:
+        items += _attribution(model, tokens, target, foil)
+    elif foil is not None:
+        raise ValueError("A foil needs a target (--target).")
     if methods:
         items += _methods(model, tokens, maps, progress)
     layer_items = _layer if maps.maps else _layer_statistics
@@ -142,6 +151,48 @@ def _plots(maps: MixingMaps) -> list[Item]:
                 caption="1 − Spearman ρ between the maps over the valid cells",
             )
         )
+    return items
+
+
+def _attribution(model: Any, tokens: torch.Tensor, target: Any, foil: Any) -> list[Item]:
+    """The last token's logit (difference) split over layers, heads and sources
+    (methods.md#signed-attribution-to-a-target)."""
+    items: list[Item] = [Block('<h2 id="attribution">Attribution to the target</h2>')]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hook_filter(model, "layer_n"))
+    la = logit_attribution(model, cache, target, foil=foil, tokens=tokens)
+    name = "logit" if foil is None else "logit difference"
+    terms = la.terms
+    biases = (
+        terms["attn_bias"][:, 0].sum() + terms["norm_bias"][:, 0].sum() + terms["final_bias"][0]
+    )
+    rows = [
+        (name, f"{float(la.actual[0]):.4g} (the parts sum to {float(la.total[0]):.4g})"),
+        ("embedding of the last token", f"{float(la.terms['embed'][0]):.4g}"),
+        ("attention edges (all layers)", f"{float(la.heads[:, 0].sum()):.4g}"),
+        ("feed-forward writes", f"{float(la.terms['mlp'][:, 0].sum()):.4g}"),
+        ("biases", f"{float(biases):.4g}"),
+    ]
+    if la.softcap is not None:
+        rows.append(("final softcap", f"{la.softcap:g} (the parts split the logit before it)"))
+    table = "".join(
+        f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
+        for k, v in rows
+    )
+    items.append(Block(f'<table class="tlnm-header">{table}</table>'))
+    items.append(views.logit_tokens(la))
+    items.append(views.logit_tokens(la, tracked="alti"))
+    items.append(views.logit_layers(la))
+    strongest = int(la.heads[:, 0].abs().sum((1, 2)).argmax())
+    items.append(views.logit_layers(la, layer=strongest))
+    items.append(
+        plots.figure_block(
+            plots.logit_layers(la),
+            title="Direct effects: layer × source",
+            caption="each edge's write read by the target's logit through every later norm, "
+            "frozen at its real scale; red raises the logit, blue lowers it",
+        )
+    )
     return items
 
 
