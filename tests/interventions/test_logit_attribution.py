@@ -274,3 +274,45 @@ def test_router_logits_split_over_sources(case, model):
         future = torch.ones(6, 6, dtype=torch.bool).triu(1)
         assert (ra.sources.transpose(2, 3)[:, future] == 0).all()
     assert "RouterAttribution(" in repr(ra)
+
+
+def test_signed_views_plots_and_the_report_section(hf_root):
+    from tl_normmix.reports.report import build_report
+
+    model = build(Case("gpt2", "raw"), hf_root)
+    toks = tokens(1, 6)
+    la = nm.logit_attribution(model, _cache(model, toks), TARGET, foil=FOIL, tokens=toks)
+    view = nm.views.logit_tokens(la)
+    values = torch.tensor(view.props["values"])
+    torch.testing.assert_close(values, la.layers[:, 0].sum(0), rtol=1e-3, atol=1e-4)
+    assert view.props["minValue"] == -view.props["maxValue"]
+    assert view.props["maxValue"] == pytest.approx(float(values.abs().max()), rel=1e-3)
+    heads = nm.views.logit_layers(la, layer=1)
+    assert heads.props["labels"] == [f"L1H{h}" for h in range(model.cfg.n_heads)]
+    tracked = nm.views.logit_layers(la, tracked="exact")
+    assert torch.tensor(tracked.props["values"]).shape == (6, model.cfg.n_layers)
+    fig = nm.plots.logit_heads(la, 0)
+    assert fig.axes[0].images[0].get_clim() == pytest.approx(
+        (-float(la.heads[0, 0].abs().max()), float(la.heads[0, 0].abs().max())), rel=1e-5
+    )
+    html = build_report(model, toks, scopes=["attn_w"], methods=False, target=TARGET, foil=FOIL)
+    assert "Attribution to the target" in html and "logit difference" in html
+    assert f"{float(la.actual[0]):.4g}" in html
+    with pytest.raises(ValueError, match="foil needs a target"):
+        build_report(model, toks, scopes=["attn_w"], methods=False, foil=FOIL)
+
+
+def test_agreement_scores_an_attribution_against_knock_outs(hf_root):
+    model = build(Case("llama", "raw"), hf_root)
+    toks = tokens(1, 6)
+    la = nm.logit_attribution(model, _cache(model, toks), TARGET, foil=FOIL)
+
+    def metric(logits):
+        return logits[:, -1, TARGET] - logits[:, -1, FOIL]
+
+    ko = nm.knock_out(model, toks, nm.edges(heads=None), metric, progress=False)
+    table = nm.agreement(la, ko).table
+    overall = table[table.layer == "all"].set_index("scope")
+    assert set(overall.index) == {"logit", "logit_alti"}
+    assert (overall["edges"] == len(ko.edges)).all()
+    assert overall["spearman"].between(-1, 1).all()
