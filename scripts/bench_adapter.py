@@ -1,4 +1,4 @@
-"""Benchmark the adapter's self-check and the generic feed-forward path (issue 10).
+"""Benchmark the adapter's self-check and the generic feed-forward path.
 
 1. **Self-check cost** as a share of ``mixing_maps`` on a GPT-2-small-shaped model (random
    weights, 12 layers, d_model 768, 12 heads), batch 1, N tokens: the cache is made once with

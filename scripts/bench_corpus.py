@@ -1,4 +1,4 @@
-"""Benchmark (issue 12): corpus throughput, and the analyses' cost over ``run_with_cache`` alone.
+"""Benchmark: corpus throughput, and the analyses' cost over ``run_with_cache`` alone.
 
 For a model and EWT dev + test (or the first ``--sentences``), in one process:
 

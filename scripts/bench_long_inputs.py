@@ -1,4 +1,4 @@
-"""Benchmark: maps computed during the forward pass (``run_mixing_maps``, issue 14) on long inputs.
+"""Benchmark: maps computed during the forward pass (``run_mixing_maps``) on long inputs.
 
 Parts (``--part``, repeatable):
 

@@ -1,4 +1,4 @@
-"""Benchmark: the peers' methods in tl_normmix (issue 13) against a plain forward, same process.
+"""Benchmark: the peers' methods in tl_normmix against a plain forward, same process.
 
 For each model and length: a plain forward (``model(tokens)``), then
 

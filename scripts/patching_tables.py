@@ -1,4 +1,4 @@
-"""Maps against exact interventions on the packaged real models (README tables, issue 11).
+"""Maps against exact interventions on the packaged real models.
 
 SmolLM2-135M (``--model SmolLM2-135M``): for each prompt of ``scripts/data/patching_prompts.txt``
 (factual recall, IOI-style, subject–verb agreement), the metric is the log-probability of the
@@ -81,7 +81,9 @@ def causal_study(model, prompts: list[tuple[str, str]], k: int) -> dict:
         att = nm.edge_attribution(model, toks, metric)
         ko_all = nm.knock_out(model, toks, nm.edges(heads=None), metric)
         ko_head = nm.knock_out(model, toks, nm.edges(heads="each"), metric)
-        both = [maps, att.as_maps()]
+        # signed direct effects on the top token's logit, and ALTI-Logit (the rows tracked)
+        logit = nm.logit_attribution(model, target=top, tokens=toks).as_maps(tracked="alti")
+        both = [maps, att.as_maps(), logit]
         curves = {}
         for scope in (*SCOPES, "attribution"):
             scores = att.maps.abs() if scope == "attribution" else maps[scope]
@@ -97,7 +99,9 @@ def causal_study(model, prompts: list[tuple[str, str]], k: int) -> dict:
                 "p": float(logits[0, -1].softmax(-1)[top]),
                 "all_heads": overall(nm.agreement(both, ko_all, k=k)),
                 "per_head": overall(
-                    nm.agreement(both, ko_head, scopes=["attn_w", "attn_n", "attribution"], k=k)
+                    nm.agreement(
+                        both, ko_head, scopes=["attn_w", "attn_n", "attribution", "logit"], k=k
+                    )
                 ),
                 "curves": curves,
                 "forwards": ko_all.n_forwards + ko_head.n_forwards,

@@ -218,7 +218,7 @@ def test_smollm2_default_quadrature_reaches_the_float32_floor(smollm2):
     assert worst(None) < worst(16) / 2
 
 
-# -- interventions (issue 11; README "Maps against interventions") ------------------------------
+# -- interventions (docs: results, maps against interventions) ---------------------------------
 SCOPES_KO = ("attn_w", "attn_n")
 
 
@@ -249,7 +249,7 @@ def test_smollm2_attribution_ranks_knockouts_better_than_the_maps(smollm2):
     assert abs(float(kept.value[0] - kept.clean[0])) < 1e-4  # keeping every edge is the clean run
 
 
-# -- corpus analyses (issue 12; README "Corpus analyses over EWT") -----------------------------
+# -- corpus analyses (docs: results, corpus) --------------------------------------------------
 def test_minilm_corpus_clark_and_kobayashi(minilm, tmp_path):
     """Measured on EWT dev + test (scripts/corpus_tables.py): [CLS] 0.43–0.50 of the weight in
     layers 1–4 but ≤ 0.05 by norm; obj, case, det heads ≥ 0.22 above the best offset."""

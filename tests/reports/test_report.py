@@ -130,6 +130,17 @@ def test_report_on_packaged_model(tmp_path, capsys):
 
 
 @pytest.mark.real
+def test_a_target_on_an_encoder_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "report.html"
+    args = ["report", "--model", "minilm", "--text", TEXT, "--out", str(out), "--quiet"]
+    assert main([*args, "--target", "cabinet"]) == 1
+    err = capsys.readouterr().err
+    assert "masked-LM head is not linear" in err and "Traceback" not in err and not out.exists()
+    assert main([*args, "--foil", "cabinet"]) == 1
+    assert "A foil needs a target" in capsys.readouterr().err
+
+
+@pytest.mark.real
 def test_text_longer_than_the_context(tmp_path, capsys):
     out = tmp_path / "r.html"
     args = ["report", "--model", "minilm", "--text", "word " * 600, "--out", str(out), "--quiet"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -47,7 +47,8 @@ def agreement(
     ``|ko.effect|`` per layer and overall, and top-``k`` recall."""
     import pandas as pd
 
-    given = [maps] if isinstance(maps, MixingMaps) or hasattr(maps, "tracked") else list(maps)
+    single = isinstance(maps, MixingMaps) or hasattr(maps, "tracked")
+    given: list[Any] = [maps] if single else list(cast(Sequence[Any], maps))
     # a LogitAttribution scores edges (l, position, j) by its direct effects and ALTI-Logit rows
     sources = [m.as_maps(tracked="alti") if hasattr(m, "tracked") else m for m in given]
     available = {scope: m for m in sources for scope in (*m.maps, *m.heads)}

@@ -140,15 +140,16 @@ class _Edges:
         A ``LogitAttribution`` is ranked by the magnitude of its signed direct effects (scope
         ``"logit"``; ``"logit_alti"`` / ``"logit_exact"``: its tracked rows), and
         ``top(la, k)`` reads the second argument as ``k``."""
+        name = scope if isinstance(scope, str) else "logit"
         if hasattr(maps, "tracked"):  # a LogitAttribution
             if isinstance(scope, int):
-                scope, k = "logit", scope
+                k = scope
             elif scope == "attn_n":
-                scope = "logit"
-            method = scope.removeprefix("logit_") if scope != "logit" else None
-            maps = maps.as_maps(tracked=method)
-        assert isinstance(scope, str)
-        layer_maps = maps[scope].double()  # [layer, batch, query, key]
+                name = "logit"
+            method = name.removeprefix("logit_") if name != "logit" else None
+            attribution: Any = maps
+            maps = attribution.as_maps(tracked=method)
+        layer_maps = maps[name].double()  # [layer, batch, query, key]
         pair = maps.mask[:, :, None] & maps.mask[:, None, :]
         if maps.causal:
             pair = pair & torch.ones(pair.shape[-2:], dtype=torch.bool).tril()

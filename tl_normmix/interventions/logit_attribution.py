@@ -196,7 +196,7 @@ def logit_attribution(
             tokens.to(device), names_filter=hook_filter(model, "layer_n", verify=False)
         )
     n_layers = adapter.spec.n_layers
-    last = _read(adapter, cache, n_layers - 1, extra={"resid_post"})
+    last = _read(adapter, cache, n_layers - 1, extra=frozenset({"resid_post"}))
     mask = resolve_mask(adapter, attention_mask, tokens, last)
     pos = _positions(position, mask)
     batch = mask.shape[0]
@@ -342,6 +342,7 @@ class _Head:
             )
         W_U = model.W_U.detach().float().to(device)
         b_U = getattr(model, "b_U", None)
+        assert target is not None  # a direction was handled above
         ids = _token_ids(model, target, batch, "target", W_U.shape[1]).to(device)
         u = W_U[:, ids].T
         constant = b_U.detach().float().to(device)[ids] if b_U is not None else u.new_zeros(batch)
@@ -509,8 +510,8 @@ def _positions(position: int | Tensor, mask: Tensor) -> Int[Tensor, " batch"]:
 
 
 def _read(
-    adapter: ModelAdapter, cache: Any, layer: int, extra: set[str] = frozenset()
-) -> LayerTensors:  # type: ignore[assignment]
+    adapter: ModelAdapter, cache: Any, layer: int, extra: frozenset[str] = frozenset()
+) -> LayerTensors:
     layout = adapter.layout
     roles = {"pattern", "v", "attn_out", "resid_pre", *extra}
     if layout.has_mlp:
