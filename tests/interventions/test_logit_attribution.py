@@ -208,7 +208,7 @@ def test_strings_directions_and_refusals(hf_root):
     one = nm.logit_attribution(model, cache, TARGET)
     b_U = model.b_U[TARGET].detach() if getattr(model, "b_U", None) is not None else 0.0
     torch.testing.assert_close(la.total + b_U, one.total, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="either a target"):
         nm.logit_attribution(model, cache, TARGET, direction=column)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         nm.logit_attribution(model, cache, 10**9)

@@ -59,7 +59,8 @@ class LogitAttribution:
         total: ``[batch]``: the sum of every part.
         actual: ``[batch]``: the model's own readout, from the cached final stream through the
             model's own final norm and unembedding (before any final softcap).
-        residual: ``[batch]``: ``|total − actual|`` relative to ``‖final stream‖·‖readout‖``.
+        residual: ``[batch]``: ``|total − actual|`` relative to ``‖x‖·‖ρ‖`` (the final stream
+            and its readout vector: a bound on the readout of a stream of that size).
         position: ``[batch]``: the position read in each row.
         target, foil: ``[batch]`` token ids (None where a ``direction`` was given / no foil).
         softcap: the model's final logit softcap (``cap·tanh(z/cap)``), None without one: the
@@ -186,7 +187,7 @@ def logit_attribution(
     """
     adapter = adapt(model)
     if (target is None) == (direction is None):
-        raise ValueError("Pass a target (and optionally a foil) or a direction, not both.")
+        raise ValueError("Pass either a target (with an optional foil) or a direction.")
     tokens = check_tokens(tokens) if tokens is not None else None
     if cache is None:
         if tokens is None:
@@ -205,6 +206,8 @@ def logit_attribution(
     head = _Head.of(model, adapter, target, foil, direction, batch, final_stream.device)
     rho, final_bias = head.readout(final_stream)
     actual = head.actual(final_stream)
+    # |x·ρ| ≤ ‖x‖·‖ρ‖: the largest readout a stream of this size could give
+    scale = (final_stream.norm(dim=-1) * rho.norm(dim=-1)).clamp_min(torch.finfo(rho.dtype).tiny)
 
     heads = final_stream.new_zeros(n_layers, batch, adapter.spec.block.n_heads, mask.shape[1])
     terms = {k: final_stream.new_zeros(n_layers, batch) for k in ("attn_bias", "mlp", "norm_bias")}
@@ -222,7 +225,6 @@ def logit_attribution(
             embed = (t["resid_pre"][rows, pos] * rho).sum(-1)
     out_terms: dict[str, Tensor] = {"embed": embed, **terms, "final_bias": final_bias}
     total = heads.sum((0, 2, 3)) + embed + sum(terms[k].sum(0) for k in terms) + final_bias
-    scale = (final_stream.norm(dim=-1) * head.norm).clamp_min(torch.finfo(total.dtype).tiny)
     residual = (total - actual).abs() / scale
     _warn(residual, last.precision)
     return LogitAttribution(
@@ -295,10 +297,6 @@ class _Head:
     foil: Tensor | None
     softcap: float | None
     slope: float = 1.0  # the model's linear output scaling (Granite, Cohere), folded into u
-
-    @property
-    def norm(self) -> Tensor:
-        return self.u.norm(dim=-1)
 
     @classmethod
     def of(
