@@ -6,6 +6,7 @@ from the cache, ``tracked("alti")`` and ``tracked("exact")``. Median of ``--repe
 warm-up.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_logit.py --tokens 256
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_logit.py --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ def timed(fn, repeat: int) -> tuple[float, object]:
     fn()  # warm-up
     times, out = [], None
     for _ in range(repeat):
+        _sync()
         start = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -49,10 +57,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--exact", action="store_true", help="also time tracked('exact')")
+    parser.add_argument("--device", default=None, help="e.g. cuda (default: the CPU)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model = nm.load_model(args.model)
-    tokens = text_of(args.tokens, model)
+    model = nm.load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    tokens = text_of(args.tokens, model).to(next(model.parameters()).device)
     top = int(model(tokens)[0, -1].argmax())
     names = nm.hook_filter(model, "layer_n", verify=False)
     forward, _ = timed(lambda: model(tokens), args.repeat)
@@ -66,7 +76,11 @@ def main() -> None:
         return fresh.tracked("alti")
 
     tracked, _ = timed(alti, args.repeat)
-    print(f"{args.model}, {tokens.shape[1]} tokens, torch threads {torch.get_num_threads()}")
+    where = args.device or "cpu"
+    print(
+        f"{args.model}, {tokens.shape[1]} tokens, {where}, {args.dtype}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print("| step | seconds | × forward |")
     print("|---|---|---|")
     rows = [
