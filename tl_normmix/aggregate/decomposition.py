@@ -38,7 +38,7 @@ from tl_normmix.models.adapter import adapt
 from tl_normmix.models.checks import verify_layer
 from tl_normmix.models.errors import MissingHookError, UnsupportedModelError
 
-__all__ = ["ModelDecomposition", "carried_blocks", "decompose_model"]
+__all__ = ["ModelDecomposition", "carried_blocks", "decompose_model", "read_layer"]
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def carried_blocks(
     mask: Tensor | None = None
     carried: Carried | None = None
     for layer in tqdm(range(last + 1), desc="decompose_model", unit="block", disable=not progress):
-        t = _read(
+        t = read_layer(
             adapter,
             cache,
             layer,
@@ -225,13 +225,22 @@ class _Kept:
         return self._bias_norms
 
 
-def _read(adapter: Any, cache: Any, layer: int, roles: frozenset[str] | set[str]) -> Any:
+def read_layer(
+    adapter: Any,
+    cache: Any,
+    layer: int,
+    roles: frozenset[str] | set[str],
+    caller: str = "decompose_model",
+) -> LayerTensors:
+    """``adapter.read`` for the computations that read the hooks of ``layer_n``
+    (``decompose_model``, ``logit_attribution``, ``router_attribution``): a missing hook says how
+    to cache them."""
     try:
         return adapter.read(cache, layer, roles)
     except MissingHookError as err:
         raise MissingHookError(
             err.missing,
-            f"{err} decompose_model reads the hooks of 'layer_n': run the model with "
+            f"{err} {caller} reads the hooks of 'layer_n': run the model with "
             "model.run_with_cache(tokens, names_filter=nm.hook_filter(model, 'layer_n')).",
         ) from None
 

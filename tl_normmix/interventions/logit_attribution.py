@@ -16,7 +16,7 @@ ALTI rollout of the layers below (ALTI-Logit, Ferrando et al. 2023) or exactly, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,22 +24,21 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_normmix.aggregate.decomposition import carried_blocks
+from tl_normmix.aggregate.decomposition import carried_blocks, read_layer
 from tl_normmix.aggregate.rollouts import rollout
 from tl_normmix.decompose import attention, readout
 from tl_normmix.decompose.attention_block import norm_chain
 from tl_normmix.decompose.blocks import LayerTensors
 from tl_normmix.decompose.residual import through_bias
+from tl_normmix.interventions.logit_readout import Readout, Target
 from tl_normmix.maps import MixingMaps, hook_filter, mixing_maps
-from tl_normmix.maps.completeness import CompletenessWarning, tolerance
+from tl_normmix.maps.completeness import warn_if_residual
 from tl_normmix.maps.mask import check_tokens, resolve_mask
 from tl_normmix.models.adapter import ModelAdapter, adapt
-from tl_normmix.models.errors import MissingHookError, UnsupportedModelError
 
 __all__ = ["TRACKERS", "LogitAttribution", "logit_attribution"]
 
 TrackMethod = Literal["alti", "exact"]
-Target = int | str | Sequence[int] | Sequence[str] | Tensor
 
 
 @dataclass
@@ -203,7 +202,7 @@ def logit_attribution(
     batch = mask.shape[0]
     rows = torch.arange(batch, device=mask.device)
     final_stream = last["resid_post"][rows, pos]  # [batch, d]
-    head = _Head.of(model, adapter, target, foil, direction, batch, final_stream.device)
+    head = Readout.of(model, adapter, target, foil, direction, batch, final_stream.device)
     rho, final_bias = head.readout(final_stream)
     actual = head.actual(final_stream)
     # |x·ρ| ≤ ‖x‖·‖ρ‖: the largest readout a stream of this size could give
@@ -226,7 +225,7 @@ def logit_attribution(
     out_terms: dict[str, Tensor] = {"embed": embed, **terms, "final_bias": final_bias}
     total = heads.sum((0, 2, 3)) + embed + sum(terms[k].sum(0) for k in terms) + final_bias
     residual = (total - actual).abs() / scale
-    _warn(residual, last.precision)
+    warn_if_residual(residual, last.precision, "logit_attribution", "la.residual")
     return LogitAttribution(
         heads=heads,
         layers=heads.sum(2),
@@ -283,210 +282,6 @@ def _block(t: LayerTensors, rho: Tensor, pos: Tensor, mask: Tensor) -> _BlockPar
     return _BlockParts(heads, attn_bias, mlp, norm_bias, rho_mid)
 
 
-# -- the readout after the last block ------------------------------------------------------------
-@dataclass
-class _Head:
-    """The linear readout of the final stream: the final norm (frozen at the real stream's scale),
-    then ``u`` (an unembedding difference or a direction) and a constant."""
-
-    model: Any
-    adapter: ModelAdapter
-    u: Float[Tensor, "batch d_model"]
-    constant: Float[Tensor, " batch"]
-    target: Tensor | None
-    foil: Tensor | None
-    softcap: float | None
-    slope: float = 1.0  # the model's linear output scaling (Granite, Cohere), folded into u
-
-    @classmethod
-    def of(
-        cls,
-        model: Any,
-        adapter: ModelAdapter,
-        target: Target | None,
-        foil: Target | None,
-        direction: Tensor | None,
-        batch: int,
-        device: torch.device,
-    ) -> _Head:
-        cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
-        softcap = cap if cap > 0 else None
-        slope = _output_slope(model, softcap)
-        if direction is not None:
-            if foil is not None:
-                raise ValueError("A foil needs a target; a direction is read as it is.")
-            u = torch.as_tensor(direction).detach().float().to(device)
-            if u.ndim == 1:
-                u = u.expand(batch, -1)
-            if tuple(u.shape) != (batch, adapter.spec.block.d_model):
-                raise ValueError(
-                    f"direction has shape {tuple(u.shape)}: pass "
-                    f"[d_model={adapter.spec.block.d_model}] or [batch={batch}, d_model]."
-                )
-            return cls(model, adapter, u, u.new_zeros(batch), None, None, None)
-        if not adapter.spec.causal:
-            raise UnsupportedModelError(
-                f"{adapter.spec.model_name}: an encoder's masked-LM head is not linear (a dense "
-                "layer, an activation and a norm before the unembedding), so a token's logit has "
-                "no exact split. Pass direction= (read from the last block's output) instead."
-            )
-        extra = _head_modules(model)
-        if extra:
-            raise UnsupportedModelError(
-                f"{adapter.spec.model_name}: between the final norm and the unembedding the model "
-                f"applies {', '.join(extra)} (a prediction head with an activation), so a token's "
-                "logit has no exact linear split. Pass direction= (read from the final normalised "
-                "stream) instead."
-            )
-        W_U = model.W_U.detach().float().to(device)
-        b_U = getattr(model, "b_U", None)
-        assert target is not None  # a direction was handled above
-        ids = _token_ids(model, target, batch, "target", W_U.shape[1]).to(device)
-        u = W_U[:, ids].T
-        constant = b_U.detach().float().to(device)[ids] if b_U is not None else u.new_zeros(batch)
-        foil_ids = None
-        if foil is not None:
-            foil_ids = _token_ids(model, foil, batch, "foil", W_U.shape[1]).to(device)
-            u = u - W_U[:, foil_ids].T
-            if b_U is not None:
-                constant = constant - b_U.detach().float().to(device)[foil_ids]
-        projection = _projection(model)
-        if projection is not None:  # logits = (z Pᵀ + c) W_U: read z by P u, c by u
-            weight, bias = projection
-            if bias is not None:
-                constant = constant + u @ bias.to(device)
-            u = u @ weight.to(device)
-        head = cls(model, adapter, slope * u, slope * constant, ids, foil_ids, softcap)
-        head.slope = slope
-        return head
-
-    def final_norm(self) -> Any:
-        """The final norm, None where the readout takes the last block's output as it is."""
-        if not self.adapter.spec.causal:  # an encoder's ln_final belongs to its task head
-            return None
-        return self.adapter.final_norm()
-
-    def readout(self, stream: Tensor) -> tuple[Tensor, Tensor]:
-        """``(ρ, constant)``: the readout vector of the final stream and the part of no token."""
-        norm = self.final_norm()
-        if norm is None:
-            return self.u, self.constant
-        norm = norm.to(stream.device)
-        rho, bias = readout.pull_back(norm, norm.scale_of(stream), self.u)
-        return rho, bias + self.constant
-
-    def actual(self, stream: Tensor) -> Tensor:
-        """The model's own readout: its final norm and unembedding modules on the final stream."""
-        x = stream[:, None, :].to(_dtype_of(self.model))
-        final = getattr(self.model, "ln_final", None)
-        if final is not None and self.final_norm() is not None:
-            x = final(x)
-        if self.target is None:
-            return (x[:, 0].float() * self.u).sum(-1)
-        if self.target is not None and _projection(self.model) is not None:
-            x = getattr(self.model, _PROJECTION)(x)
-        logits = self.model.unembed(x)[:, 0].float() * self.slope
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        value = logits[rows, self.target.to(logits.device)]
-        if self.foil is not None:
-            value = value - logits[rows, self.foil.to(logits.device)]
-        return value.to(stream.device)
-
-
-def _head_modules(model: Any) -> list[str]:
-    """Modules with weights that the model applies after its blocks besides the final norm and the
-    unembedding (a prediction head's dense layer and activation), in registration order."""
-    children = list(model.named_children())
-    names = [name for name, _ in children]
-    if "blocks" not in names:
-        return []
-    after = children[names.index("blocks") + 1 :]
-    return [
-        name
-        for name, module in after
-        if name not in ("ln_final", "unembed", *_INPUT_SIDE, _PROJECTION)
-        and any(p.numel() for p in module.parameters())
-    ]
-
-
-#: Modules a bridge registers after its blocks that act on the input (OPT's embedding projection).
-_INPUT_SIDE = ("project_in",)
-#: A linear map between the final norm and the unembedding (OPT-350m's ``project_out``).
-_PROJECTION = "project_out"
-
-
-def _projection(model: Any) -> tuple[Tensor, Tensor | None] | None:
-    """``(weight [d_proj, d_model], bias)`` of the linear map before the unembedding, if any."""
-    module = getattr(model, _PROJECTION, None)
-    module = getattr(module, "original_component", module)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, Tensor):
-        return None
-    bias = getattr(module, "bias", None)
-    return weight.detach().float(), bias.detach().float() if isinstance(bias, Tensor) else None
-
-
-def _output_slope(model: Any, softcap: float | None) -> float:
-    """The model's linear scaling of its logits after the unembedding (``logits_scaling`` and the
-    like: a TransformerLens bridge's output transform), read off the transform itself; a
-    transform that is neither that nor that followed by the softcap is refused."""
-    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
-    if not callable(transform):
-        return 1.0
-    probe = torch.tensor([1e-4, -2e-4, 3e-3, -0.5, 2.0, -7.0], dtype=torch.float64)
-    slope = float(transform(probe[:1]) / probe[:1])
-    expected = slope * probe
-    if softcap is not None:
-        expected = softcap * torch.tanh(expected / softcap)
-    if not torch.allclose(transform(probe), expected, rtol=1e-6, atol=1e-9):
-        raise UnsupportedModelError(
-            f"{model.cfg.model_name}: the model transforms its logits after the unembedding in a "
-            "way that is neither a scaling nor a softcap; a logit has no exact split here. Pass "
-            "direction= (read from the final normalised stream) instead."
-        )
-    return slope
-
-
-def _dtype_of(model: Any) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _token_ids(model: Any, value: Target, batch: int, what: str, vocab: int) -> Tensor:
-    """One token id per row from ids, single-token strings or a ``[batch]`` tensor."""
-    items: list[Any]
-    if isinstance(value, Tensor):
-        items = value.reshape(-1).tolist()
-    elif isinstance(value, (int, str)):
-        items = [value]
-    else:
-        items = list(value)
-    ids = [_one_token(model, item, what) for item in items]
-    if len(ids) == 1:
-        ids = ids * batch
-    if len(ids) != batch:
-        raise ValueError(f"{what}: {len(ids)} tokens for a batch of {batch} rows.")
-    out = torch.tensor(ids, dtype=torch.long)
-    if bool(((out < 0) | (out >= vocab)).any()):
-        raise ValueError(f"{what}: token ids {ids} are outside the vocabulary (size {vocab}).")
-    return out
-
-
-def _one_token(model: Any, item: Any, what: str) -> int:
-    if not isinstance(item, str):
-        return int(item)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(f"{what}={item!r}: the model has no tokenizer; pass a token id.")
-    ids = tokenizer.encode(item, add_special_tokens=False)
-    if len(ids) != 1:
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(
-            f"{what}={item!r} is {len(ids)} tokens ({pieces}), not one: pass a single-token string "
-            "(GPT-2-style tokenizers: mind the leading space, ' Mary') or a token id."
-        )
-    return int(ids[0])
-
-
 def _positions(position: int | Tensor, mask: Tensor) -> Int[Tensor, " batch"]:
     batch, n = mask.shape
     pos = torch.as_tensor(position, device=mask.device).long().reshape(-1)
@@ -515,28 +310,7 @@ def _read(
     if layout.has_mlp:
         roles.add("mlp_out")
     roles |= {f"{n}.scale" for n in (*layout.attn_out, *layout.mid, *layout.mlp_out, *layout.post)}
-    try:
-        return adapter.read(cache, layer, roles)
-    except MissingHookError as err:
-        raise MissingHookError(
-            err.missing,
-            f"{err} logit_attribution reads the hooks of 'layer_n': run the model with "
-            "model.run_with_cache(tokens, names_filter=nm.hook_filter(model, 'layer_n')).",
-        ) from None
-
-
-def _warn(residual: Tensor, precision: torch.dtype) -> None:
-    import warnings
-
-    limit = tolerance(precision)
-    worst = float(residual.max()) if residual.numel() else 0.0
-    if worst > limit:
-        warnings.warn(
-            f"logit_attribution: the parts add up to the model's readout only to a relative "
-            f"residual of {worst:.2e} (tolerance {limit:.0e}); la.residual has it per row.",
-            CompletenessWarning,
-            stacklevel=3,
-        )
+    return read_layer(adapter, cache, layer, roles, "logit_attribution")
 
 
 # -- trackers: each layer's row carried to the input tokens ---------------------------------------
@@ -564,25 +338,17 @@ def _exact(la: LogitAttribution, run: _Run) -> tuple[Tensor, Tensor]:
     """Through ``decompose_model``'s carried parts: ``P_l[k] = D^l_pk · ρ_l`` at each block's
     output; row ``l`` is ``P_l − P_{l−1}`` (row 0: ``P_0``), so the rows telescope to the final
     parts and sum, with the carried bias read out and ``final_bias``, to ``total``."""
-    batch = la.layers.shape[1]
-    rows = torch.arange(batch, device=la.position.device)
+    rows = torch.arange(la.layers.shape[1], device=la.position.device)
     out = la.layers.new_zeros(la.layers.shape)
     previous: Tensor | None = None
-    bias = la.total.new_zeros(batch)
-    for layer, carried in _carried(run, la.layers.shape[0] - 1):
-        parts = carried.parts[rows, la.position]  # [batch, source, d]
-        now = torch.einsum("bkd,bd->bk", parts, la.readouts[layer])
+    last = la.layers.shape[0] - 1
+    blocks = carried_blocks(run.model, run.cache, last, attention_mask=run.mask)  # a progress bar
+    for layer, _, carried, _ in blocks:
+        now = torch.einsum("bkd,bd->bk", carried.parts[rows, la.position], la.readouts[layer])
         out[layer] = now if previous is None else now - previous
         previous = now
-        bias = (carried.bias[rows, la.position] * la.readouts[layer]).sum(-1)
+    bias = (carried.bias[rows, la.position] * la.readouts[last]).sum(-1)
     return out, bias + la.terms["final_bias"]
-
-
-def _carried(run: _Run, last: int) -> Iterator[tuple[int, Any]]:
-    for layer, _t, carried, _mask in carried_blocks(
-        run.model, run.cache, last, attention_mask=run.mask, progress=False
-    ):
-        yield layer, carried
 
 
 #: The ways ``LogitAttribution.tracked`` carries a layer's row to the input tokens.

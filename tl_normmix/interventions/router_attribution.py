@@ -22,14 +22,15 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_normmix.aggregate.decomposition import read_layer
 from tl_normmix.decompose import attention, readout
 from tl_normmix.decompose.attention_block import norm_chain
 from tl_normmix.decompose.blocks import FFModule, LayerTensors
 from tl_normmix.decompose.residual import through_bias
-from tl_normmix.maps.completeness import CompletenessWarning, tolerance
+from tl_normmix.maps.completeness import warn_if_residual
 from tl_normmix.maps.mask import resolve_mask
 from tl_normmix.models.adapter import adapt
-from tl_normmix.models.errors import MissingHookError, UnsupportedModelError
+from tl_normmix.models.errors import UnsupportedModelError
 
 __all__ = ["RouterAttribution", "router_attribution"]
 
@@ -108,14 +109,7 @@ def router_attribution(
     ff_input = layout.mlp_in if layout.parallel else layout.ff_input
     roles = {"pattern", "v", "attn_out", "resid_pre"}
     roles |= {f"{n}.scale" for n in (*layout.attn_out, *ff_input)}
-    try:
-        t = adapter.read(cache, layer, roles)
-    except MissingHookError as err:
-        raise MissingHookError(
-            err.missing,
-            f"{err} router_attribution reads the hooks of 'layer_n': run the model with "
-            "model.run_with_cache(tokens, names_filter=nm.hook_filter(model, 'layer_n')).",
-        ) from None
+    t = read_layer(adapter, cache, layer, roles, "router_attribution")
     mask = resolve_mask(adapter, attention_mask, tokens, t)
     router = router.to(t.device)
     parts = _split(t, router.weight, ff_input, mask)
@@ -124,16 +118,7 @@ def router_attribution(
     total = parts["sources"].sum(-1) + parts["residual"] + bias
     scale = logits.norm(dim=-1).clamp_min(torch.finfo(logits.dtype).tiny)
     residual = ((total - logits).norm(dim=-1) / scale).masked_fill(~mask, float("nan"))
-    worst = float(residual.nan_to_num(0.0).max())
-    if worst > tolerance(t.precision):
-        import warnings
-
-        warnings.warn(
-            f"router_attribution, layer {layer}: the parts add up to the router logits only to a "
-            f"relative residual of {worst:.2e}; ra.residual has it per receiver.",
-            CompletenessWarning,
-            stacklevel=2,
-        )
+    warn_if_residual(residual, t.precision, f"router_attribution, layer {layer}", "ra.residual")
     return RouterAttribution(
         layer=layer,
         sources=parts["sources"],

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["CompletenessWarning", "tolerance", "warn_if_incomplete"]
+__all__ = ["CompletenessWarning", "tolerance", "warn_if_incomplete", "warn_if_residual"]
 
 #: Relative residuals a cache of each precision reaches on an exact decomposition (float32 and
 #: wider: quadrature and summation order; half precision: the cache's own rounding).
@@ -51,4 +51,22 @@ def warn_if_incomplete(
             "residuals are in maps.completeness.",
             CompletenessWarning,
             stacklevel=3,
+        )
+
+
+def warn_if_residual(
+    residual: Tensor, precision: torch.dtype, what: str, where: str, *, stacklevel: int = 3
+) -> None:
+    """Warn once if the worst relative residual of ``what`` (NaN at padding ignored) exceeds
+    the tolerance of ``precision``; ``where`` names the attribute holding it per row."""
+    limit = tolerance(precision)
+    filled = residual.detach().float().nan_to_num(0.0)
+    worst = float(filled.max()) if filled.numel() else 0.0
+    if worst > limit:
+        warnings.warn(
+            f"{what}: the parts add up to the model's value only to a relative residual of "
+            f"{worst:.2e} (tolerance {limit:.0e} for a {str(precision).removeprefix('torch.')} "
+            f"cache); {where} has it per row.",
+            CompletenessWarning,
+            stacklevel=stacklevel,
         )
